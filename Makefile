@@ -1,0 +1,25 @@
+# Every target does its own set-up: a fresh machine needs only python3 and make.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup test main lint bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[data,test,peers]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest
+
+main: $(STAMP)
+	.venv/bin/soaplab compare lm
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/step_time.py

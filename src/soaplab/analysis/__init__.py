@@ -1,0 +1,1 @@
+"""soaplab.analysis (being written)."""

@@ -1,0 +1,5 @@
+"""CLI subcommands of soaplab.analysis (being written)."""
+
+
+def register(sub) -> None:
+    pass

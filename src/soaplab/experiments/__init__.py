@@ -1,0 +1,1 @@
+"""soaplab.experiments (being written)."""

@@ -1,0 +1,52 @@
+"""Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
+
+Experiments and the command line name optimizers as strings; this table is the one place that
+maps a name to a constructor and its fixed settings (a variant is a name plus preset kwargs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+def _soap(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
+    def build(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+        from soaplab.optim.soap import SOAP
+
+        return SOAP(params, **{**preset, **kw})
+
+    return build
+
+
+def _shampoo(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
+    def build(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+        from soaplab.optim.shampoo import Shampoo
+
+        return Shampoo(params, **{**preset, **kw})
+
+    return build
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adafactor": torch.optim.Adafactor,
+    "shampoo": _shampoo(),
+    "shampoo_half": _shampoo(exponent=0.5),
+    "soap": _soap(),
+    "soap_eigh": _soap(refresh="eigh"),
+    "soap_one_sided": _soap(one_sided=True),
+    "soap_factorized": _soap(factorized=True),
+    "soap_one_sided_factorized": _soap(one_sided=True, factorized=True),
+}
+
+
+def optimizer(name: str, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in OPTIMIZERS:
+        known = ", ".join(sorted(OPTIMIZERS))
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
+    return OPTIMIZERS[key](params, **kwargs)

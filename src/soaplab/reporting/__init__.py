@@ -1,0 +1,1 @@
+"""Run folders, markdown tables and matplotlib plots shared by experiments and analyses."""
