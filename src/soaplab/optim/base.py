@@ -1,0 +1,154 @@
+"""The torch.optim shell shared by SOAP and Shampoo: gradient intake, batching, checkpoints.
+
+Subclasses implement ``_step_bucket`` for a *bucket*: the parameters of one group that share a
+factor plan, a dtype, a device and a step count, stacked so that each matmul runs once per
+bucket rather than once per parameter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from soaplab.optim._checks import check_choice
+from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape
+from soaplab.optim.matrix_functions import MatrixFunctionError
+from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state_dtype
+
+
+@dataclass
+class Bucket:
+    """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape)."""
+
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    plan: FactorPlan
+    grads: Tensor
+
+    def stack(self, key: str) -> Tensor:
+        return torch.stack([s[key] for s in self.states])
+
+    def store(self, key: str, stacked: Tensor) -> None:
+        """Write a stacked (B, ...) tensor back into each parameter's state."""
+        for s, value in zip(self.states, stacked.unbind(0), strict=True):
+            if key in s and s[key].shape == value.shape:
+                s[key].copy_(value)
+            else:
+                s[key] = value.clone()
+
+
+class KroneckerOptimizer(torch.optim.Optimizer):
+    """Common machinery; not used directly."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str,
+                 matrix_dtype: torch.dtype | None) -> None:
+        check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        super().__init__(params, defaults)
+        self.nonfinite = nonfinite
+        self.matrix_dtype = matrix_dtype
+        self.skipped_steps = 0
+        self.matrix_failures = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.is_complex():
+                    raise ValueError(f"{type(self).__name__} does not support complex parameters "
+                                     f"({self._name(group, i)}); pass torch.view_as_real(p)")
+
+    # -- subclass interface -------------------------------------------------------------------
+    def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # -- step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._grads_finite():
+            self.skipped_steps += 1
+            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
+                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
+            return loss
+        for group in self.param_groups:
+            for bucket in self._buckets(group):
+                self._step_bucket(bucket, group)
+        return loss
+
+    def _name(self, group: dict[str, Any], index: int) -> str:
+        names = group.get("param_names")
+        p = group["params"][index]
+        number = next(k for k, g in enumerate(self.param_groups) if g is group)
+        where = f"'{names[index]}'" if names else f"#{index} of group {number}"
+        return f"parameter {where} with shape {tuple(p.shape)}"
+
+    def _grads_finite(self) -> bool:
+        """Check every gradient before any state changes: raise, or report False to skip."""
+        checked = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"({self._name(group, i)}); use torch.optim.SparseAdam")
+                if p.grad.is_complex():
+                    raise RuntimeError(f"{type(self).__name__} got a complex gradient for "
+                                       f"{self._name(group, i)}")
+                checked.append((group, i, torch.isfinite(p.grad).all()))
+        if not checked or bool(torch.stack([c[2].to("cpu") for c in checked]).all()):
+            return True
+        if self.nonfinite == "skip":
+            return False
+        group, i, _ = next(c for c in checked if not bool(c[2]))
+        raise ValueError(f"{type(self).__name__}: gradient of {self._name(group, i)} contains "
+                         "NaN or Inf; no state was changed (pass nonfinite='skip' to skip such "
+                         "steps)")
+
+    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+        plan_kwargs = self._plan_kwargs(group)
+        members: dict[tuple, list[tuple[Tensor, FactorPlan]]] = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None or p.numel() == 0:
+                continue
+            plan = plan_factors(tuple(p.shape), **plan_kwargs)
+            if not group.get("batched", True):
+                key: tuple = (id(p),)
+            else:
+                key = (plan.key, plan.channels_last, p.dtype, p.device,
+                       self.state[p].get("step", -1))
+            members[key].append((p, plan))
+        buckets = []
+        for pairs in members.values():
+            params = [p for p, _ in pairs]
+            plan = pairs[0][1]
+            dtype = state_dtype(params[0], self.matrix_dtype)
+            grads = torch.stack([to_plan_shape(p.grad.to(dtype), plan) for p in params])
+            buckets.append(Bucket(params, [self.state[p] for p in params], plan, grads))
+        return buckets
+
+    def _matrix_failed(self, err: MatrixFunctionError, what: str) -> None:
+        self.matrix_failures += 1
+        warnings.warn(f"{type(self).__name__}: {what} failed ({err}); keeping the previous "
+                      f"matrices ({self.matrix_failures} failures so far)", RuntimeWarning,
+                      stacklevel=3)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint, keeping every state tensor in its saved dtype (fp32 factors of a
+        bf16 parameter stay fp32)."""
+        load_state_preserving_dtypes(self, state_dict)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state currently held."""
+        return state_bytes(self)

@@ -1,0 +1,93 @@
+"""Matrix functions on batches of symmetric PSD factors, robust by construction.
+
+Every function takes a batch ``A`` of shape (B, d, d) and works in the dtype it is given (the
+factors' dtype policy lives in ``state.py``). Failures are reported as :class:`MatrixFunctionError`
+after an fp64 retry; callers decide what to keep (SOAP keeps the previous basis). Nothing here
+ever returns NaN: non-finite input raises instead of flowing into the optimizer state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class MatrixFunctionError(RuntimeError):
+    """A factor could not be decomposed, even in float64."""
+
+
+def _check_finite(A: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(A).all()):
+        raise MatrixFunctionError(f"{what}: input factor contains NaN or Inf")
+
+
+def _eigh_with_retry(A: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, retried in float64 when the working precision fails."""
+    try:
+        return torch.linalg.eigh(A)
+    except torch.linalg.LinAlgError:
+        if A.dtype == torch.float64:
+            raise MatrixFunctionError("eigh failed in float64") from None
+    try:
+        evals, evecs = torch.linalg.eigh(A.double())
+    except torch.linalg.LinAlgError:
+        raise MatrixFunctionError("eigh failed in float32 and float64") from None
+    return evals.to(A.dtype), evecs.to(A.dtype)
+
+
+def eigenbasis(A: Tensor) -> Tensor:
+    """Eigenvectors of each symmetric ``A`` as columns, in descending eigenvalue order.
+
+    Adding c·I leaves eigenvectors unchanged, so no regulariser is needed here; an all-zero
+    factor yields the identity.
+    """
+    _check_finite(A, "eigenbasis")
+    _, evecs = _eigh_with_retry(A)
+    return evecs.flip(-1)
+
+
+def sort_by_rayleigh(A: Tensor, Q: Tensor) -> Tensor:
+    """Column order of ``Q`` that sorts the Rayleigh quotients diag(QᵀAQ) in descending order."""
+    estimates = ((A @ Q) * Q).sum(dim=-2)
+    return torch.argsort(estimates, dim=-1, descending=True)
+
+
+def orthonormalize(Y: Tensor) -> Tensor:
+    """The Q of a QR decomposition of each ``Y`` (signs arbitrary), retried in float64."""
+    try:
+        return torch.linalg.qr(Y).Q
+    except torch.linalg.LinAlgError:
+        try:
+            return torch.linalg.qr(Y.double()).Q.to(Y.dtype)
+        except torch.linalg.LinAlgError:
+            raise MatrixFunctionError("QR failed in float32 and float64") from None
+
+
+def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """One warm-started power-iteration step with QR (SOAP's Algorithm 4).
+
+    Returns the new basis and the column order applied to the old one, which the caller must
+    apply to any per-coordinate state (Adam's second moment) attached to the old columns.
+    """
+    _check_finite(A, "power_qr_step")
+    order = sort_by_rayleigh(A, Q)
+    Q_sorted = torch.gather(Q, -1, order.unsqueeze(-2).expand_as(Q))
+    return orthonormalize(A @ Q_sorted), order
+
+
+def eigh_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact refresh: a fresh eigenbasis, with the old columns matched to it by Rayleigh order."""
+    order = sort_by_rayleigh(A, Q)
+    return eigenbasis(A), order
+
+
+def inverse_root(A: Tensor, power: float, eps: float) -> Tensor:
+    """(A + eps·I)^(-power) for symmetric PSD ``A``, through an eigendecomposition.
+
+    Eigenvalues below zero (round-off on rank-deficient factors) are clamped to zero first, so
+    eps is the smallest eigenvalue that is ever inverted.
+    """
+    _check_finite(A, "inverse_root")
+    evals, evecs = _eigh_with_retry(A)
+    scale = (evals.clamp(min=0) + eps).pow(-power)
+    return (evecs * scale.unsqueeze(-2)) @ evecs.mT

@@ -1,0 +1,159 @@
+r"""Shampoo (Gupta et al., 2018) on soaplab's Kronecker-factor machinery.
+
+For a tensor with factored axes k = 1..n, the factors are L_k = EMA(G_(k) G_(k)ᵀ) and the
+preconditioned direction is
+
+.. math::  D = \hat m \times_1 (L_1 + εI)^{-2e/n} \cdots \times_n (L_n + εI)^{-2e/n}
+
+with the overall exponent e = 1/4 (classic: L^{-1/4} G R^{-1/4} for a matrix) or 1/2 (the
+variant that SOAP's paper shows equals Adafactor in Shampoo's eigenbasis). ``\hat m`` is the
+bias-corrected EMA of gradients (β1; 0 turns momentum off). Inverse roots are recomputed every
+``precondition_frequency`` steps from ``start_preconditioning_step`` on; before that, and for
+axes without a factor, the grafted optimizer alone moves the parameter. Grafting rescales D
+per parameter to the norm of Adam's, Adagrad's or SGD's step. Weight decay is decoupled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from soaplab.optim import grafting as graft_fns
+from soaplab.optim._checks import (
+    check_beta,
+    check_betas,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+)
+from soaplab.optim.base import Bucket, KroneckerOptimizer
+from soaplab.optim.kronecker import from_plan_shape, project, update_factors
+from soaplab.optim.matrix_functions import MatrixFunctionError, inverse_root
+from soaplab.optim.state import resolve_matrix_dtype
+
+__all__ = ["Shampoo"]
+
+
+class Shampoo(KroneckerOptimizer):
+    """Shampoo with grafting, momentum and decoupled weight decay.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate. betas: (β1 for the gradient EMA, β2 for Adam grafting).
+        shampoo_beta: EMA coefficient of the factors; negative means "use β2".
+        eps: ε·I added to each factor before its inverse root (must be > 0).
+        weight_decay: decoupled weight decay (p -= lr·wd·p after the update).
+        precondition_frequency: steps between inverse-root recomputations.
+        start_preconditioning_step: first step that uses the roots (None: precondition_frequency).
+        exponent: overall Kronecker exponent e: 0.25 (classic) or 0.5.
+        grafting: "adam", "adagrad", "sgd" or "none". graft_eps: ε of the grafted optimizer.
+        max_precond_dim, merge_dims, precondition_1d, data_format: as in SOAP.
+        matrix_dtype, nonfinite, batched: as in SOAP.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 shampoo_beta: float = -1, eps: float = 1e-12, weight_decay: float = 0.0,
+                 precondition_frequency: int = 10, start_preconditioning_step: int | None = None,
+                 exponent: float = 0.25, grafting: str = "adam", graft_eps: float = 1e-8,
+                 max_precond_dim: int = 10000, merge_dims: bool = False,
+                 precondition_1d: bool = False, data_format: str = "channels_first", *,
+                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool = True) -> None:
+        check_nonnegative("lr", lr)
+        check_betas(betas)
+        if shampoo_beta is not None and shampoo_beta >= 0:
+            check_beta("shampoo_beta", shampoo_beta)
+        check_positive("eps", eps)
+        check_nonnegative("graft_eps", graft_eps)
+        check_nonnegative("weight_decay", weight_decay)
+        check_int("precondition_frequency", precondition_frequency, 1)
+        start = precondition_frequency if start_preconditioning_step is None \
+            else start_preconditioning_step
+        check_int("start_preconditioning_step", start, 1)
+        check_positive("exponent", exponent)
+        check_choice("grafting", grafting, graft_fns.KINDS)
+        check_int("max_precond_dim", max_precond_dim, 0)
+        check_choice("data_format", data_format, ("channels_first", "channels_last"))
+        defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
+                        weight_decay=weight_decay, precondition_frequency=precondition_frequency,
+                        start_preconditioning_step=start, exponent=exponent, grafting=grafting,
+                        graft_eps=graft_eps, max_precond_dim=max_precond_dim,
+                        merge_dims=merge_dims, precondition_1d=precondition_1d,
+                        data_format=data_format, batched=batched)
+        super().__init__(params, defaults, nonfinite=nonfinite,
+                         matrix_dtype=resolve_matrix_dtype(matrix_dtype))
+
+    def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
+                    precondition_1d=group["precondition_1d"], data_format=group["data_format"])
+
+    def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        plan, G = bucket.plan, bucket.grads
+        if "step" not in bucket.states[0]:
+            _init_state(bucket, group["grafting"])
+        for s in bucket.states:
+            s["step"] += 1
+        t = bucket.states[0]["step"]
+        beta1, beta2 = group["betas"]
+        beta = group["shampoo_beta"]
+        factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
+        update_factors(factors, G, beta2 if beta is None or beta < 0 else beta)
+        for axis, value in factors.items():
+            bucket.store(f"factor_{axis}", value)
+        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
+        if plan.axes and t >= start and (t - start) % freq == 0:
+            self._compute_roots(bucket, factors, group)
+        exp_avg = bucket.stack("exp_avg").lerp_(G, 1 - beta1)
+        graft_state = {k: bucket.stack(k) for k in ("graft_sq",) if k in bucket.states[0]}
+        direction = _direction(bucket, group, exp_avg / (1 - beta1**t), graft_state, t)
+        lr, wd = group["lr"], group["weight_decay"]
+        for p, u in zip(bucket.params, direction.unbind(0), strict=True):
+            p.add_(from_plan_shape(u, plan, p.shape).to(p.dtype), alpha=-lr)
+            if wd > 0:
+                p.add_(p, alpha=-lr * wd)
+        bucket.store("exp_avg", exp_avg)
+        for key, value in graft_state.items():
+            bucket.store(key, value)
+
+    def _compute_roots(self, bucket: Bucket, factors: dict[int, Tensor],
+                       group: dict[str, Any]) -> None:
+        power = 2 * group["exponent"] / len(bucket.plan.axes)
+        for axis, L in factors.items():
+            try:
+                root = inverse_root(L, power, group["eps"])
+            except MatrixFunctionError as err:
+                self._matrix_failed(err, f"inverse root of axis {axis}")
+                continue
+            if not bool(torch.isfinite(root).all()):
+                self._matrix_failed(MatrixFunctionError("non-finite root"),
+                                    f"inverse root of axis {axis}")
+                continue
+            bucket.store(f"root_{axis}", root)
+
+
+def _init_state(bucket: Bucket, grafting: str) -> None:
+    plan, G = bucket.plan, bucket.grads
+    for s in bucket.states:
+        s["step"] = 0
+        s["exp_avg"] = torch.zeros(plan.shape, dtype=G.dtype, device=G.device)
+        s.update(graft_fns.graft_state(grafting, plan.shape, dtype=G.dtype, device=G.device))
+        for axis in plan.axes:
+            d = plan.shape[axis]
+            s[f"factor_{axis}"] = torch.zeros(d, d, dtype=G.dtype, device=G.device)
+
+
+def _direction(bucket: Bucket, group: dict[str, Any], moment: Tensor,
+               graft_state: dict[str, Tensor], t: int) -> Tensor:
+    """Shampoo's preconditioned momentum grafted to the norm of the grafted optimizer's step;
+    the grafted step itself (or the momentum) while no inverse roots exist yet."""
+    reference = graft_fns.graft_direction(group["grafting"], graft_state, bucket.grads, moment,
+                                          group["betas"][1], t, group["graft_eps"])
+    axes = bucket.plan.axes
+    if not axes or any(f"root_{axis}" not in bucket.states[0] for axis in axes):
+        return moment if reference is None else reference
+    roots = {axis: bucket.stack(f"root_{axis}") for axis in axes}
+    direction = project(moment, roots)  # roots are symmetric, so this is X ×_k P_k
+    return direction if reference is None else graft_fns.graft(direction, reference)
