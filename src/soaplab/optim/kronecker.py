@@ -110,6 +110,8 @@ def update_factors(factors: dict[int, Tensor], X: Tensor, beta: float) -> None:
 def _along(X: Tensor, M: Tensor, axis: int) -> Tensor:
     """Contract axis ``axis``+1 of the batch X with the batch of matrices M: x_j = Σ_i x_i M_ij."""
     ax = axis + 1
+    if X.dim() == 2:  # a batch of vectors
+        return (X.unsqueeze(1) @ M).squeeze(1)
     if ax == X.dim() - 1:
         return X @ M.view(M.shape[0], *([1] * (X.dim() - 3)), *M.shape[1:])
     moved = X.movedim(ax, -1)

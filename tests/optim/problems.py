@@ -1,0 +1,49 @@
+"""Small optimization problems shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotated_covariance(d: int, condition: float, gen: torch.Generator) -> torch.Tensor:
+    """A random rotation of diag(condition^(-i/(d-1))): eigenvalues from 1 down to 1/condition."""
+    Q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    scales = condition ** (-torch.arange(d, dtype=torch.float64) / (d - 1))
+    return (Q * scales) @ Q.T
+
+
+class KroneckerLeastSquares:
+    """min_W E‖M^{1/2}(W - W*) x‖² with x ~ N(0, Σ): its Hessian is Σ ⊗ M, ill-conditioned
+    and rotated, the case SOAP's eigenbasis is built for."""
+
+    def __init__(self, n_in: int = 64, n_out: int = 32, batch: int = 256, seed: int = 0,
+                 input_condition: float = 1e4, output_condition: float = 1e3) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x_factor = torch.linalg.cholesky(rotated_covariance(n_in, input_condition, gen))
+        self.y_mix = torch.linalg.cholesky(rotated_covariance(n_out, output_condition, gen))
+        self.target = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+        self.batch, self.n_in, self.n_out, self.seed = batch, n_in, n_out, seed
+        self.eval_x = self.sample(torch.Generator().manual_seed(seed + 1), 4096)
+
+    def sample(self, gen: torch.Generator, n: int) -> torch.Tensor:
+        return (torch.randn(n, self.n_in, generator=gen, dtype=torch.float64) @ self.x_factor.T)
+
+    def loss(self, W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        err = (x @ (W - self.target).T) @ self.y_mix
+        return err.square().sum(1).mean()
+
+    def run(self, name: str, steps: int, **kw) -> list[float]:
+        """Train from zero with a fixed batch sequence; return the eval loss after each step."""
+        import soaplab
+
+        W = torch.nn.Parameter(torch.zeros(self.n_out, self.n_in, dtype=torch.float64))
+        opt = soaplab.optimizer(name, [W], **kw)
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            self.loss(W, self.sample(gen, self.batch)).backward()
+            opt.step()
+            with torch.no_grad():
+                losses.append(self.loss(W, self.eval_x).item())
+        return losses

@@ -1,0 +1,100 @@
+"""Matrix functions against closed forms and explicit float64 eigendecompositions."""
+
+import pytest
+import torch
+
+from soaplab.optim import matrix_functions as mf
+
+
+def random_spd(d: int, spectrum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    Q = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64)).Q
+    return (Q * spectrum) @ Q.T, Q
+
+
+def test_eigenbasis_is_descending_and_diagonalizes():
+    spectrum = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1], dtype=torch.float64)
+    A, _ = random_spd(5, spectrum)
+    Q = mf.eigenbasis(A[None])[0]
+    diag = Q.T @ A @ Q
+    torch.testing.assert_close(diag, torch.diag(spectrum.sort(descending=True).values),
+                               atol=1e-12, rtol=0)
+
+
+def test_eigenbasis_of_zero_factor_is_a_permutation_of_identity():
+    Q = mf.eigenbasis(torch.zeros(1, 4, 4, dtype=torch.float64))[0]
+    torch.testing.assert_close(Q.abs().sum(0), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(Q.T @ Q, torch.eye(4, dtype=torch.float64))
+
+
+def test_nonfinite_factor_raises_typed_error():
+    A = torch.eye(3).unsqueeze(0).clone()
+    A[0, 1, 1] = float("nan")
+    with pytest.raises(mf.MatrixFunctionError, match="NaN or Inf"):
+        mf.eigenbasis(A)
+    with pytest.raises(mf.MatrixFunctionError):
+        mf.power_qr_step(A, torch.eye(3)[None])
+
+
+def test_eigh_failure_in_float32_is_retried_in_float64(monkeypatch):
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(A):
+        calls.append(A.dtype)
+        if A.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("forced")
+        return real_eigh(A)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    A, _ = random_spd(4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    Q = mf.eigenbasis(A.float()[None])[0]
+    assert calls == [torch.float32, torch.float64]
+    assert Q.dtype == torch.float32
+    torch.testing.assert_close(torch.diag(Q.double().T @ A @ Q.double()),
+                               torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+
+
+def test_power_qr_step_sorts_columns_and_returns_the_order():
+    spectrum = torch.tensor([1.0, 5.0, 3.0], dtype=torch.float64)
+    A, Q = random_spd(3, spectrum)
+    new, order = mf.power_qr_step(A[None], Q[None])
+    assert order[0].tolist() == [1, 2, 0]
+    # Q already diagonalizes A: one power step keeps each (sorted) column up to sign.
+    torch.testing.assert_close((new[0].T @ Q[:, order[0]]).abs(), torch.eye(3, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+
+
+def test_repeated_power_qr_steps_converge_to_eigh():
+    spectrum = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    A, _ = random_spd(6, spectrum)
+    Q = torch.linalg.qr(torch.randn(1, 6, 6, dtype=torch.float64)).Q
+    for _ in range(80):
+        Q, _ = mf.power_qr_step(A[None], Q)
+    exact = mf.eigenbasis(A[None])[0]
+    torch.testing.assert_close((Q[0].T @ exact).abs(), torch.eye(6, dtype=torch.float64),
+                               atol=1e-8, rtol=0)
+
+
+def test_eigh_step_returns_exact_basis():
+    A, Q = random_spd(4, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    new, order = mf.eigh_step(A[None], torch.eye(4, dtype=torch.float64)[None])
+    reversed_identity = torch.eye(4, dtype=torch.float64)[[3, 2, 1, 0]]
+    torch.testing.assert_close((new[0].T @ Q).abs(), reversed_identity, atol=1e-12, rtol=0)
+    assert order.shape == (1, 4)
+
+
+@pytest.mark.parametrize("power", [0.25, 0.5, 1.0])
+def test_inverse_root_matches_explicit_spectral_formula(power):
+    spectrum = torch.tensor([2.0, 1e-3, 0.5, 7.0], dtype=torch.float64)
+    A, Q = random_spd(4, spectrum)
+    eps = 1e-6
+    expected = (Q * (spectrum + eps) ** -power) @ Q.T
+    torch.testing.assert_close(mf.inverse_root(A[None], power, eps)[0], expected,
+                               atol=1e-10, rtol=1e-10)
+
+
+def test_inverse_root_of_rank_deficient_factor_is_finite():
+    v = torch.randn(5, 1, dtype=torch.float64)
+    root = mf.inverse_root((v @ v.T)[None], 0.25, 1e-12)
+    assert torch.isfinite(root).all()
