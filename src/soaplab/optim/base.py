@@ -32,15 +32,27 @@ class Bucket:
     grads: Tensor
 
     def stack(self, key: str) -> Tensor:
-        return torch.stack([s[key] for s in self.states])
+        """The (B, ...) stack of one state entry across the bucket.
+
+        Entries are kept as views of one stacked tensor (see :meth:`store`), so after the
+        first step this costs nothing, and in-place updates of the stack reach every parameter.
+        """
+        tensors = [s[key] for s in self.states]
+        base = tensors[0]._base
+        if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
+                and all(t._base is base and t.data_ptr() == base[i].data_ptr()
+                        for i, t in enumerate(tensors))):
+            return base
+        stacked = torch.stack(tensors)
+        self.store(key, stacked)
+        return stacked
 
     def store(self, key: str, stacked: Tensor) -> None:
-        """Write a stacked (B, ...) tensor back into each parameter's state."""
-        for s, value in zip(self.states, stacked.unbind(0), strict=True):
-            if key in s and s[key].shape == value.shape:
-                s[key].copy_(value)
-            else:
-                s[key] = value.clone()
+        """Make each parameter's entry a view of ``stacked`` (no copy)."""
+        if stacked._base is not None or not stacked.is_contiguous():
+            stacked = stacked.clone(memory_format=torch.contiguous_format)
+        for s, view in zip(self.states, stacked.unbind(0), strict=True):
+            s[key] = view
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):

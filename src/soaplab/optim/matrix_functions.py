@@ -46,10 +46,14 @@ def eigenbasis(A: Tensor) -> Tensor:
     return evecs.flip(-1)
 
 
-def sort_by_rayleigh(A: Tensor, Q: Tensor) -> Tensor:
-    """Column order of ``Q`` that sorts the Rayleigh quotients diag(QᵀAQ) in descending order."""
-    estimates = ((A @ Q) * Q).sum(dim=-2)
-    return torch.argsort(estimates, dim=-1, descending=True)
+def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
+    """Column order that sorts the Rayleigh quotients diag(Qᵀ A Q) in descending order,
+    given the product ``AQ`` = A @ Q."""
+    return torch.argsort((AQ * Q).sum(dim=-2), dim=-1, descending=True)
+
+
+def _columns(X: Tensor, order: Tensor) -> Tensor:
+    return torch.gather(X, -1, order.unsqueeze(-2).expand_as(X))
 
 
 def orthonormalize(Y: Tensor) -> Tensor:
@@ -68,16 +72,17 @@ def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns the new basis and the column order applied to the old one, which the caller must
     apply to any per-coordinate state (Adam's second moment) attached to the old columns.
+    A @ Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted.
     """
     _check_finite(A, "power_qr_step")
-    order = sort_by_rayleigh(A, Q)
-    Q_sorted = torch.gather(Q, -1, order.unsqueeze(-2).expand_as(Q))
-    return orthonormalize(A @ Q_sorted), order
+    AQ = A @ Q
+    order = sort_by_rayleigh(AQ, Q)
+    return orthonormalize(_columns(AQ, order)), order
 
 
 def eigh_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     """Exact refresh: a fresh eigenbasis, with the old columns matched to it by Rayleigh order."""
-    order = sort_by_rayleigh(A, Q)
+    order = sort_by_rayleigh(A @ Q, Q)
     return eigenbasis(A), order
 
 
