@@ -1,5 +1,104 @@
-"""CLI subcommands of soaplab.analysis (being written)."""
+"""``soaplab analyze kronecker|whitening``: parse flags, run the study, write report.md."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from dataclasses import fields
+
+from soaplab.analysis import data
+from soaplab.analysis.report import write_report
+from soaplab.analysis.study import ACTIVATIONS, StudyConfig, run
+from soaplab.registry import OPTIMIZERS
+
+DEFAULTS = StudyConfig()
 
 
-def register(sub) -> None:
-    pass
+def _ints(text: str) -> tuple[int, ...]:
+    """'0,25,50' -> (0, 25, 50)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,25,50; got {text!r}") from None
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# (flag, config field, argparse kwargs); shared by both analyses unless listed per kind below.
+COMMON = [
+    ("--out", "out", {"help": "run folder to write (config.json, metrics.jsonl, report.md, PNGs)"}),
+    ("--dataset", "dataset", {"choices": data.DATASETS, "help": "image set, pooled to 8x8"}),
+    ("--data-dir", "data_dir", {"help": "Fashion-MNIST folder (Debian dataset-fashion-mnist)"}),
+    ("--data-limit", "data_limit", {"type": int, "help": "max Fashion-MNIST images loaded"}),
+    ("--optimizer", "optimizer", {"choices": sorted(OPTIMIZERS), "help": "training optimizer"}),
+    ("--lr", "lr", {"type": float, "help": "learning rate"}),
+    ("--steps", "steps", {"type": int, "help": "training steps"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "training batch size (examples)"}),
+    ("--hidden", "hidden", {"type": int, "help": "MLP width: 64 -> hidden -> hidden -> 10"}),
+    ("--activation", "activation", {"choices": sorted(ACTIVATIONS), "help": "MLP nonlinearity"}),
+    ("--snapshots", "snapshots", {"type": _ints, "help": "comma-separated steps to measure at"}),
+    ("--probe", "probe", {"type": int, "help": "training examples the matrices average over"}),
+    ("--max-layer-size", "max_layer_size",
+     {"type": int, "help": "study weights with at most this many entries (dense (mn)^2 matrices)"}),
+    ("--seed", "seed", {"type": int, "help": "seed for split, init, batches and label sampling"}),
+    ("--threads", "threads", {"type": int, "help": "torch CPU threads"}),
+]
+PER_KIND = {
+    "kronecker": [
+        ("--batch-sizes", "batch_sizes",
+         {"type": _ints, "help": "batch sizes b for the L_b (x) R_b batch-gradient variants"}),
+        ("--batch-repeats", "batch_repeats",
+         {"type": int, "help": "label draws and random partitions averaged for each b"}),
+        ("--hessian-max-size", "hessian_max_size",
+         {"type": int, "help": "also compute the exact Hessian for layers up to this size"}),
+    ],
+    "whitening": [
+        ("--damping", "damping", {"type": float, "help": "C + damping*tr(C)/dim*I before C^-1/2"}),
+    ],
+}
+HELP = {
+    "kronecker": "optimal Kronecker, Shampoo^2 and Shampoo approximations of the GGN in training",
+    "whitening": "Adam/Shampoo/SOAP preconditioners against the whitening matrix C^-1/2",
+}
+
+
+def _config(kind: str, args: argparse.Namespace) -> StudyConfig:
+    names = {f.name for f in fields(StudyConfig)}
+    return StudyConfig(kind=kind, **{k: v for k, v in vars(args).items() if k in names})
+
+
+def command_line(cfg: StudyConfig) -> str:
+    """The shortest ``soaplab analyze`` command that rebuilds ``cfg`` (non-default flags only)."""
+    words = ["soaplab", "analyze", cfg.kind]
+    for flag, name, _ in COMMON + PER_KIND[cfg.kind]:
+        value = getattr(cfg, name)
+        if value != getattr(DEFAULTS, name) or name == "out":
+            words += [flag, _csv(value) if isinstance(value, tuple) else str(value)]
+    return shlex.join(words)
+
+
+def _handler(kind: str):
+    def analyze(args: argparse.Namespace) -> int:
+        cfg = _config(kind, args)
+        report = write_report(run(cfg), command_line(cfg))
+        print(f"wrote {report}")
+        return 0
+
+    return analyze
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``analyze`` with the sub-subcommands ``kronecker`` and ``whitening``."""
+    analyze = sub.add_parser("analyze", help="curvature analyses of a small MLP (papers 2 and 3)")
+    kinds = analyze.add_subparsers(dest="analysis", required=True)
+    for kind, help_text in HELP.items():
+        parser = kinds.add_parser(kind, help=help_text, description=help_text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        for flag, name, kwargs in COMMON + PER_KIND[kind]:
+            default = getattr(DEFAULTS, name)
+            if name == "out":
+                default = f"runs/analysis/{kind}"
+            parser.add_argument(flag, dest=name, default=default, **kwargs)
+        parser.set_defaults(func=_handler(kind))

@@ -47,7 +47,7 @@ def per_example_gradients(model: nn.Module, name: str, x: Tensor, y: Tensor) -> 
 
 
 def class_gradients(model: nn.Module, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients for every (example, class) pair, shape (N, k, m, n), and the probabilities (N, k)."""
+    """Gradients for every (example, class) pair, (N, k, m, n), and the probabilities (N, k)."""
     W = _weight(model, name)
     with torch.no_grad():
         probs = model(x).softmax(-1)

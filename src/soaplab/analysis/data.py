@@ -34,7 +34,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise RuntimeError("the digits dataset needs scikit-learn: pip install scikit-learn") from err
+        raise RuntimeError("the digits dataset needs scikit-learn: "
+                           "pip install scikit-learn") from err
     bunch = load_digits()
     return bunch.images.astype(np.float64), bunch.target.astype(np.int64)
 
