@@ -19,12 +19,9 @@ from soaplab.analysis.kronecker import (
     shampoo_factors,
 )
 
+from .matrices import spd
+
 D = torch.float64
-
-
-def spd(d: int) -> torch.Tensor:
-    X = torch.randn(d, 2 * d, dtype=D)
-    return X @ X.T / d + 0.1 * torch.eye(d, dtype=D)
 
 
 def loop_rearrange(H: np.ndarray, m: int, n: int) -> np.ndarray:

@@ -19,12 +19,9 @@ from soaplab.analysis.whitening import (
     whitening_similarities,
 )
 
+from .matrices import spd
+
 D = torch.float64
-
-
-def spd(d: int) -> torch.Tensor:
-    X = torch.randn(d, 2 * d, dtype=D)
-    return X @ X.T / d + 0.1 * torch.eye(d, dtype=D)
 
 
 def test_whitening_matrix_matches_scipy_and_whitens():

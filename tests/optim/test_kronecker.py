@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from dense import kron, rotation, unfold
 
 from soaplab.optim import kronecker as kr
+
+from .dense import kron, rotation, unfold
 
 
 @pytest.mark.parametrize(("shape", "merged"), [

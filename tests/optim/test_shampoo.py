@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from dense import unfold
 
 from soaplab import Shampoo
 from soaplab.optim import second_moment
 from soaplab.optim.matrix_functions import eigenbasis
 
-torch.set_default_dtype(torch.float64)
+from .dense import unfold
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def dense_root(L: torch.Tensor, power: float, eps: float) -> torch.Tensor:

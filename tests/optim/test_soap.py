@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from dense import rotation, soap_step
-from problems import KroneckerLeastSquares
 
 from soaplab import SOAP
 
-torch.set_default_dtype(torch.float64)
+from .dense import rotation, soap_step
+from .problems import KroneckerLeastSquares
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def params_like(*shapes):
@@ -19,6 +20,18 @@ def params_like(*shapes):
 def feed(params, grads):
     for p, g in zip(params, grads, strict=True):
         p.grad = g.clone()
+
+
+def step_side_by_side(a, ps, b, qs, steps: int) -> None:
+    """Feed both optimizers the same random gradients, then demand equal parameters."""
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in ps]
+        feed(ps, grads)
+        feed(qs, grads)
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
 
 
 def test_first_call_only_builds_statistics():
@@ -34,20 +47,13 @@ def test_first_call_only_builds_statistics():
 
 @pytest.mark.parametrize("shapes", [[(6, 4), (4,)], [(3, 4, 5), (2, 3, 2, 2), ()]])
 def test_no_preconditioning_is_adamw_shifted_by_one_call(shapes):
-    ps, qs = params_like(*shapes), None
+    ps = params_like(*shapes)
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt = SOAP(ps, lr=0.01, betas=(0.9, 0.99), eps=0, weight_decay=0, max_precond_dim=0)
     ref = torch.optim.AdamW(qs, lr=0.01, betas=(0.9, 0.99), eps=0, weight_decay=0)
     feed(ps, [torch.randn_like(p) for p in ps])
     opt.step()
-    for _ in range(25):
-        grads = [torch.randn_like(p) for p in ps]
-        feed(ps, grads)
-        feed(qs, grads)
-        opt.step()
-        ref.step()
-    for p, q in zip(ps, qs, strict=True):
-        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
+    step_side_by_side(opt, ps, ref, qs, 25)
 
 
 def test_refreshes_at_the_end_of_calls_4_7_10_for_frequency_3():
@@ -182,14 +188,7 @@ def test_batched_path_equals_one_parameter_at_a_time():
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     fast, slow = SOAP(ps, precondition_frequency=2), SOAP(qs, precondition_frequency=2,
                                                         batched=False)
-    for _ in range(7):
-        grads = [torch.randn_like(p) for p in ps]
-        feed(ps, grads)
-        feed(qs, grads)
-        fast.step()
-        slow.step()
-    for p, q in zip(ps, qs, strict=True):
-        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
+    step_side_by_side(fast, ps, slow, qs, 7)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
