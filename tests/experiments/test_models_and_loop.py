@@ -1,0 +1,81 @@
+"""Models, the shared loop (losses fall, determinism, resume) and the schedule."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from soaplab.experiments.loop import TrainConfig, lr_factor, train
+from soaplab.experiments.models.colorizer import Colorizer
+from soaplab.experiments.models.gpt import GPT, GPTConfig
+from soaplab.experiments.tasks import TaskOptions
+
+LM = TaskOptions(task="lm", size="micro", max_chars=50_000, batch_size=8, eval_batches=2)
+COLOR = TaskOptions(task="colorize", size="micro", batch_size=16)
+
+
+def test_gpt_shapes_and_weight_tying():
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    logits, loss = model(torch.randint(30, (3, 16)), torch.randint(30, (3, 16)))
+    assert logits.shape == (3, 16, 30) and loss.item() == pytest.approx(3.4, abs=0.3)
+    assert model.head.weight is model.wte.weight
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.randint(30, (1, 17)))
+
+
+def test_colorizer_shapes_and_range():
+    out = Colorizer(8)(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 2, 32, 32) and out.abs().max() <= 1
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Colorizer(8)(torch.randn(2, 1, 30, 30))
+
+
+@pytest.mark.parametrize(("task", "optimizer"), [(LM, "adamw"), (LM, "soap"),
+                                                 (COLOR, "adamw"), (COLOR, "shampoo")])
+def test_loss_falls_for_each_task(tmp_path, task, optimizer):
+    cfg = TrainConfig(optimizer=optimizer, steps=40, warmup=5, eval_every=40, lr=1e-2,
+                      progress=False)
+    records = train(task, cfg, tmp_path).records
+    first = sum(r["train_loss"] for r in records[:5]) / 5
+    last = sum(r["train_loss"] for r in records[-5:]) / 5
+    assert last < 0.9 * first
+    assert all(k in records[-1] for k in ("val_loss", "step_time", "optimizer_time",
+                                          "peak_memory_mb", "train_time", "lr"))
+
+
+def test_same_seed_same_losses(tmp_path):
+    cfg = TrainConfig(optimizer="soap", steps=12, warmup=3, eval_every=6, progress=False)
+    a = train(LM, cfg, tmp_path / "a").records
+    b = train(LM, cfg, tmp_path / "b").records
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    c = train(LM, dataclasses.replace(cfg, seed=1), tmp_path / "c").records
+    assert [r["train_loss"] for r in a] != [r["train_loss"] for r in c]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "soap"])
+def test_resume_equals_uninterrupted(tmp_path, optimizer):
+    cfg = TrainConfig(optimizer=optimizer, steps=16, warmup=3, eval_every=4,
+                      checkpoint_every=8, progress=False,
+                      optimizer_kwargs={"precondition_frequency": 3} if optimizer == "soap"
+                      else {})
+    whole = train(LM, cfg, tmp_path / "whole").records
+    train(LM, dataclasses.replace(cfg, stop_at=10), tmp_path / "split")  # dies after step 10
+    resumed = train(LM, cfg, tmp_path / "split", resume=True).records
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
+    assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in whole]
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
+    cfg = TrainConfig(steps=4, warmup=1, eval_every=2, checkpoint_every=2, progress=False)
+    train(LM, cfg, tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="cannot resume from"):
+        train(LM, cfg, tmp_path, resume=True)
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
