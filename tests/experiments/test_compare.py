@@ -20,9 +20,9 @@ def test_steps_to_target_on_synthetic_curves():
 @pytest.mark.parametrize("task", ["lm", "colorize"])
 def test_compare_writes_report_and_plots(tmp_path, task):
     extra = ["--max-chars", "40000"] if task == "lm" else []
-    code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3", "--batch-size", "4",
-                 "--optimizers", "adamw,soap", "--freqs", "2,4", "--out", str(tmp_path),
-                 "--no-progress", *extra])
+    code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3",
+                 "--batch-size", "4", "--optimizers", "adamw,soap", "--freqs", "2,4",
+                 "--out", str(tmp_path), "--no-progress", *extra])
     assert code == 0
     report = (tmp_path / "report.md").read_text()
     assert "steps_to_target" in report and report.count("| soap |") == 2

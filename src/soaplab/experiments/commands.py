@@ -27,7 +27,8 @@ def _optimizers(text: str) -> list[str]:
     names = [n.strip().lower().replace("-", "_") for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {', '.join(unknown) or repr(text)}; "
+        which = ", ".join(unknown) or repr(text)
+        raise argparse.ArgumentTypeError(f"unknown optimizer(s) {which}; "
                                          f"known: {', '.join(sorted(OPTIMIZERS))}")
     return names
 
