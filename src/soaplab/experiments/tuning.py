@@ -3,7 +3,8 @@
 The learning rates come from the sweep recorded in docs/experiments.md ("Learning-rate
 sweep"): each optimizer ran with every lr of the sweep on the default task and size, and the
 lr with the lowest final validation loss is the one below. Rerun the sweep with
-``soaplab compare lm --lrs 1e-3,3e-3,1e-2`` (and likewise for colorize).
+``soaplab compare lm --optimizers soap --lrs 3e-3,1e-2,3e-2`` (Adafactor, whose lr is a
+relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ COMMON: dict[str, dict[str, Any]] = {
 }
 
 TUNED_LRS: dict[str, dict[str, float]] = {
-    "lm": {"adamw": 1e-2, "adafactor": 3e-2, "shampoo": 1e-2, "soap": 1e-2},
-    "colorize": {"adamw": 1e-2, "adafactor": 3e-2, "shampoo": 1e-2, "soap": 1e-2},
+    "lm": {"adamw": 3e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2},
+    "colorize": {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2},
 }
 
 
