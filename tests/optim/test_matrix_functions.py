@@ -98,3 +98,27 @@ def test_inverse_root_of_rank_deficient_factor_is_finite():
     v = torch.randn(5, 1, dtype=torch.float64)
     root = mf.inverse_root((v @ v.T)[None], 0.25, 1e-12)
     assert torch.isfinite(root).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthonormalize_equals_householder_q_up_to_signs(dtype):
+    A = torch.randn(3, 24, 40, dtype=dtype)
+    P = A @ A.mT
+    warm = torch.linalg.eigh(P + 0.1 * torch.eye(24, dtype=dtype)).eigenvectors
+    Y = P @ warm
+    Q = mf.orthonormalize(Y)
+    reference = torch.linalg.qr(Y).Q
+    eye = torch.eye(24, dtype=dtype).expand(3, 24, 24)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close((Q.mT @ reference).abs(), eye, atol=tol, rtol=0)
+
+
+def test_orthonormalize_falls_back_on_rank_deficient_input(monkeypatch):
+    B = torch.randn(10, 3, dtype=torch.float64)
+    Y = ((B @ B.T) @ torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64)).Q)[None]
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda X: calls.append(1) or real_qr(X))
+    Q = mf.orthonormalize(Y)
+    assert calls  # Cholesky QR broke down, Householder QR answered
+    torch.testing.assert_close(Q[0].T @ Q[0], torch.eye(10, dtype=torch.float64))

@@ -96,12 +96,18 @@ def test_each_step_equals_dense_kronecker_computation(shape):
         opt.step()
         got = snapshot(opt.state[p], shape)
         torch.testing.assert_close(p.detach(), expected_p, atol=1e-12, rtol=1e-10)
-        torch.testing.assert_close(got["m"], expected["m"], atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(got["v"], expected["v"], atol=1e-12, rtol=1e-10)
-        for k in (k for k in expected if isinstance(k, int)):
+        axes = [k for k in expected if isinstance(k, int)]
+        for k in axes:
             torch.testing.assert_close(got[k]["factor"], expected[k]["factor"])
-            torch.testing.assert_close(got[k]["basis"], expected[k]["basis"], atol=1e-10,
-                                       rtol=0)
+            # QR fixes each column only up to sign; SOAP is blind to it (v is squared, m is
+            # carried in the same basis), so bases match up to sign and m in parameter space.
+            overlap = (got[k]["basis"].T @ expected[k]["basis"]).abs()
+            torch.testing.assert_close(overlap, torch.eye(shape[k]), atol=1e-9, rtol=0)
+        K_got = rotation(shape, {k: got[k]["basis"] for k in axes})
+        K_exp = rotation(shape, {k: expected[k]["basis"] for k in axes})
+        torch.testing.assert_close(K_got @ got["m"], K_exp @ expected["m"], atol=1e-12,
+                                   rtol=1e-10)
 
 
 def test_fixed_basis_soap_is_adam_on_rotated_coordinates():
