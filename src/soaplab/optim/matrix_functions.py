@@ -105,6 +105,9 @@ def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
     A @ Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted.
     """
     _check_finite(A, "power_qr_step")
+    # Y = A·Q_sorted is exactly the reference's input to QR. On a rank-deficient factor its
+    # null-space columns are round-off; Cholesky QR then breaks down and Householder QR
+    # reproduces the reference's behaviour there too.
     AQ = A @ Q
     order = sort_by_rayleigh(AQ, Q)
     return orthonormalize(_columns(AQ, order)), order
