@@ -6,6 +6,7 @@ import pytest
 
 from soaplab.cli import main
 from soaplab.experiments.compare import steps_to_target
+from soaplab.experiments.tuning import default_lr
 
 
 def test_steps_to_target_on_synthetic_curves():
@@ -32,7 +33,8 @@ def test_compare_writes_report_and_plots(tmp_path, task):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config"]["freqs"] == [2, 4]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert runs == ["adamw-lr0.01-s0", "soap-f2-lr0.01-s0", "soap-f4-lr0.01-s0"]
+    adamw, soap = default_lr(task, "adamw"), default_lr(task, "soap")
+    assert runs == [f"adamw-lr{adamw:g}-s0", f"soap-f2-lr{soap:g}-s0", f"soap-f4-lr{soap:g}-s0"]
 
 
 def test_compare_rejects_bad_input(capsys):

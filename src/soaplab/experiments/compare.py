@@ -72,8 +72,10 @@ def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, An
     evals = [r for r in recs if "val_loss" in r]
     total = sum(r["step_time"] for r in recs)
     opt_time = sum(r["optimizer_time"] for r in recs)
+    tail = recs[-max(1, len(recs) // 10):]  # the last 10% of steps smooth out batch noise
     row = {"run": run.label, "optimizer": run.optimizer, "freq": run.freq, "lr": run.lr,
-           "seed": run.seed, "final_val_loss": evals[-1]["val_loss"] if evals else None,
+           "seed": run.seed, "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail),
+           "final_val_loss": evals[-1]["val_loss"] if evals else None,
            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
            "train_seconds": total, "optimizer_share": opt_time / total if total else None,
            "state_mb": result.state_bytes / 2**20, "diverged": result.diverged}

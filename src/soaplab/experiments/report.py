@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from soaplab.experiments.compare import Run
     from soaplab.experiments.loop import RunResult
 
-COLUMNS = ["optimizer", "freq", "lr", "seed", "final_val_loss", "steps_to_target",
-           "seconds_to_target", "train_seconds", "optimizer_share", "state_mb", "diverged"]
+COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_loss",
+           "steps_to_target", "seconds_to_target", "train_seconds", "optimizer_share",
+           "state_mb", "diverged"]
 
 
 def _curves(runs: list[Run], results: dict[str, RunResult], x: str
