@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from soaplab.analysis.commands import register as register_analysis
 from soaplab.experiments.commands import register as register_experiments
 
@@ -21,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Denormal floats slow CPU matmuls and QR by large factors on this kind of machine; the
+    # optimizers' statistics decay towards them (EMAs of squared gradients).
+    torch.set_flush_denormal(True)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
