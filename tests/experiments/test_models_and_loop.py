@@ -67,7 +67,7 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):
 
 def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
     cfg = TrainConfig(steps=4, warmup=1, eval_every=2, checkpoint_every=2, progress=False)
-    train(LM, cfg, tmp_path)
+    train(LM, dataclasses.replace(cfg, stop_at=2), tmp_path)  # interrupted after its checkpoint
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
     with pytest.raises(RuntimeError, match="cannot resume from"):
         train(LM, cfg, tmp_path, resume=True)
@@ -79,3 +79,11 @@ def test_warmup_then_cosine_schedule():
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_finished_run_is_read_back_on_resume(tmp_path):
+    cfg = TrainConfig(steps=6, warmup=1, eval_every=3, progress=False)
+    first = train(LM, cfg, tmp_path)
+    again = train(LM, cfg, tmp_path, resume=True)
+    assert again.task is None and again.records == first.records
+    assert again.state_bytes == first.state_bytes > 0

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint-every", type=int, default=0,
                        help="save a checkpoint every N steps (0: never)")
         p.add_argument("--resume", action="store_true",
-                       help="continue each run from its checkpoint in --out")
+                       help="continue each run from its checkpoint in --out; runs already "
+                            "finished there are read back, not retrained")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         if task == "lm":
             p.add_argument("--text", default=None, help="train on this text file instead")

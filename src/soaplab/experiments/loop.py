@@ -46,7 +46,7 @@ class RunResult:
     records: list[dict[str, Any]]
     state_bytes: int
     diverged: bool
-    task: Task
+    task: Task | None  # None for a finished run read back from its metrics
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -78,6 +78,9 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     metrics, ckpt = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
     start, train_time, records = 0, 0.0, []
+    if resume and _finished(metrics, cfg.steps):  # read back, e.g. runs made in parallel
+        records = read_jsonl(metrics)
+        return RunResult(records, records[-1]["state_bytes"], False, None)
     if resume and ckpt.exists():
         start, train_time, records = _load_checkpoint(ckpt, task, opt, sched, gen, metrics)
     else:
@@ -108,7 +111,19 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _save_checkpoint(ckpt, task, opt, sched, gen, step + 1, train_time)
     bar.close()
+    if records:  # the state size goes with the metrics, so a finished run can be read back
+        records[-1]["state_bytes"] = state_bytes(opt)
+        metrics.unlink()
+        for r in records:
+            append_jsonl(metrics, r)
     return RunResult(records, state_bytes(opt), diverged, task)
+
+
+def _finished(metrics: Path, steps: int) -> bool:
+    if not metrics.exists():
+        return False
+    records = read_jsonl(metrics)
+    return bool(records) and records[-1]["step"] >= steps and "state_bytes" in records[-1]
 
 
 def _train_step(task: Task, opt: torch.optim.Optimizer, gen: torch.Generator,

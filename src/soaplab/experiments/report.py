@@ -76,7 +76,8 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
 def _colorization_strip(out: Path, runs: list[Run], results: dict[str, RunResult],
                         rows: list[dict[str, Any]]) -> Path | None:
     """Grey input, each optimizer's best run's prediction, and the truth, for held-out photos."""
-    ok = [r for r in rows if r["final_val_loss"] is not None and not r["diverged"]]
+    ok = [r for r in rows if r["final_val_loss"] is not None and not r["diverged"]
+          and results[r["run"]].task is not None]
     if not ok or results[ok[0]["run"]].task.examples is None:
         return None
     best: dict[str, dict[str, Any]] = {}
