@@ -1,185 +1,339 @@
-"""Optimizer step time and state memory on the parameter shapes of a small GPT.
+"""Time one optimizer step on the parameter shapes of a small GPT, side by side.
 
-Run: ``python benchmarks/step_time.py [--width 256 --layers 4 --device cpu]``
-(peers need ``pip install -e '.[bench]'``; a peer that is missing or fails is reported and
-skipped).
+Run (CPU, the default shapes: width 256, 4 layers, char-level vocabulary)::
 
-Every contestant gets the same parameters and the same pre-drawn gradients (a pool of
-sets, cycled). Timing is done in
-windows of ``precondition_frequency`` = 10 steps, so each window holds exactly one basis
-refresh; windows of all contestants are interleaved round-robin, so slow drifts of this noisy
-machine hit everyone alike. Per contestant we report
+    .venv/bin/python benchmarks/step_time.py
+    .venv/bin/python benchmarks/step_time.py --width 512 --layers 8 --steps 40
+    .venv/bin/python benchmarks/step_time.py --device cuda --only soap,pytorch_optimizer.SOAP
 
-* ordinary step: median over windows of the median non-refresh step,
-* amortized step: median window time / 10 (refresh included),
-* refresh cost: (slowest step of a window - ordinary step) / ordinary step, in ordinary steps,
-* ratio to the matmul floor: the time of SOAP's unavoidable products alone (per m×n matrix:
-  G Gᵀ, Gᵀ G, Q_Lᵀ G Q_R and Q_L U Q_Rᵀ), timed in the same windows,
-* state memory: bytes of tensors in the optimizer state (nested lists included).
+Every contestant steps its own copy of the same parameters on the same pre-drawn random
+gradients, with ``precondition_frequency=10`` and equal hyperparameters. Timing runs in rounds:
+each round runs one *window* of 10 consecutive steps (so exactly one basis refresh) of every
+contestant in turn, in a rotating order, and also times the matmul floor, so that load from
+other processes on a shared machine hits every contestant alike. Reported (medians over rounds):
+
+* ``step ms``: median step time, i.e. an ordinary step (9 of every 10 steps are ordinary).
+* ``amortized ms``: median window time / 10, refreshes included.
+* ``refresh``: extra time of the refreshing step over an ordinary one, in ordinary steps:
+  (window - 10·step) / step.
+* ``/floor``: step ms over the matmul floor, the time of the ordinary SOAP step's unavoidable
+  matrix products alone (for each m×n matrix: the grams G Gᵀ and Gᵀ G, the projection
+  Q_Lᵀ G Q_R and the back-projection, 6·(m²n + mn²) flops), timed with torch.matmul on the
+  same shapes, batched like the optimizers may batch them. ``/floor amort`` likewise for the
+  amortized step.
+* ``/peer``: amortized step over the fastest peer's (pytorch_optimizer.SOAP, heavyball.SOAP).
+* ``state MB``: optimizer state memory.
+
+Peers come from the ``bench`` extra (``pip install -e .[bench]``); a peer that is not installed
+or fails to run is reported as skipped. heavyball compiles its step with torch.compile by default
+(``--heavyball compiled``): the first run on a machine spends minutes compiling (the inductor
+cache makes later runs faster); ``--heavyball eager`` turns compilation off and ``skip`` drops it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
+import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor
 
 import soaplab
-from soaplab.reporting.tables import markdown_table
 
 FREQ = 10
-GRADIENT_POOL = 7
+SOAPLAB = ("soap", "soap_eigh", "soap_one_sided", "soap_factorized",
+           "soap_one_sided_factorized", "shampoo", "shampoo_half")
+PEERS = ("pytorch_optimizer.SOAP", "heavyball.SOAP")
+COMMON = dict(lr=3e-3, weight_decay=0.01, eps=1e-8)
+SOAP_KW = dict(betas=(0.95, 0.95), shampoo_beta=0.95, precondition_frequency=FREQ,
+               max_precond_dim=10000, merge_dims=False, precondition_1d=False)
+
+Shape = tuple[int, ...]
+Builder = Callable[[list[Tensor]], torch.optim.Optimizer]
 
 
-def gpt_shapes(width: int, layers: int, vocab: int = 65, block: int = 256) -> list[tuple]:
-    shapes: list[tuple] = [(vocab, width), (block, width)]
-    for _ in range(layers):
-        shapes += [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]
-        shapes += [(width,)] * 4  # two LayerNorms, weight and bias
-    return shapes
+# -- shapes, parameters, gradients ----------------------------------------------------------------
+def gpt_shapes(width: int, layers: int, vocab: int = 65, block: int = 256) -> list[Shape]:
+    """nanoGPT-style parameters: token and position embeddings, and per layer a fused qkv
+    (3d, d), the attention projection (d, d), the MLP (4d, d) and (d, 4d), two layernorms'
+    weights and biases (d,); then the final layernorm. The head is tied to the embedding."""
+    d = width
+    block_shapes: list[Shape] = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] + [(d,)] * 4
+    return [(vocab, d), (block, d)] + block_shapes * layers + [(d,), (d,)]
 
 
-def tensor_bytes(obj) -> int:
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+def make_params(shapes: list[Shape], device: torch.device, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(0.02 * torch.randn(s, generator=gen)).to(device) for s in shapes]
+
+
+def draw_grads(shapes: list[Shape], count: int, device: torch.device,
+               seed: int = 1) -> list[list[Tensor]]:
+    """``count`` gradient sets, cycled through by every contestant in the same order."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(count)]
+
+
+# -- contestants ---------------------------------------------------------------------------------
+def builders(heavyball_mode: str) -> dict[str, Builder | str]:
+    """Name -> constructor, or -> the reason it is skipped."""
+    table: dict[str, Builder | str] = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True, **COMMON)}
+    for name in SOAPLAB:
+        kw = SOAP_KW if name.startswith("soap") else dict(
+            precondition_frequency=FREQ, betas=(0.9, 0.95), shampoo_beta=0.95)
+        eps = {} if name.startswith("soap") else {"eps": 1e-12}
+        table[name] = (lambda n, k, e: lambda ps: soaplab.optimizer(
+            n, ps, **{**COMMON, **k, **e}))(name, kw, eps)
+    try:
+        import pytorch_optimizer
+
+        po_kw = {**SOAP_KW, "max_precondition_dim": SOAP_KW["max_precond_dim"]}
+        del po_kw["max_precond_dim"]
+        table["pytorch_optimizer.SOAP"] = lambda ps: pytorch_optimizer.SOAP(
+            ps, **COMMON, **po_kw)
+    except ImportError as err:
+        table["pytorch_optimizer.SOAP"] = f"not installed ({err}); pip install -e .[bench]"
+    if heavyball_mode == "skip":
+        table["heavyball.SOAP"] = "--heavyball skip"
+        return table
+    try:
+        import heavyball
+
+        if heavyball_mode == "eager":
+            heavyball.utils.compile_mode = None
+            heavyball.utils.compile_mode_recommended_to_none = None
+        table["heavyball.SOAP"] = lambda ps: heavyball.SOAP(
+            ps, **COMMON, **SOAP_KW, use_precond_schedule=False)
+    except ImportError as err:
+        table["heavyball.SOAP"] = f"not installed ({err}); pip install -e .[bench]"
+    return table
 
 
 @dataclass
 class Contestant:
     name: str
-    step: Callable[[], None]
-    memory: Callable[[], int] = lambda: 0
-    windows: list[list[float]] = field(default_factory=list)
+    params: list[Tensor]
+    opt: torch.optim.Optimizer
+    steps: int = 0
+    warmup_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    window_s: list[float] = field(default_factory=list)
+    error: str | None = None
 
 
-def optimizer_contestant(name: str, build: Callable, shapes: list[tuple], grads: list,
-                         device: str) -> Contestant:
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-    opt = build(params)
-
-    steps = iter(range(10**9))
-
-    def step() -> None:  # grads are set anew: some peers clear p.grad inside step()
-        gradient_set = grads[next(steps) % len(grads)]
-        for p, g in zip(params, gradient_set, strict=True):
-            p.grad = g
-        opt.step()
-
-    step()  # SOAP's first call only builds statistics and bases
-    return Contestant(name, step, lambda: tensor_bytes(list(opt.state.values())))
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def floor_contestant(shapes: list[tuple], grads: list, max_dim: int) -> Contestant:
-    mats = [(g, torch.linalg.qr(torch.randn(g.shape[0], g.shape[0], device=g.device)).Q,
-             torch.linalg.qr(torch.randn(g.shape[1], g.shape[1], device=g.device)).Q)
-            for g in grads[0] if g.dim() == 2 and max(g.shape) <= max_dim]
-
-    def products() -> None:
-        for G, QL, QR in mats:
-            G @ G.T, G.T @ G
-            QL @ (QL.T @ G @ QR) @ QR.T
-
-    return Contestant("matmul floor", products)
-
-
-def peers(shapes: list[tuple], grads: list, device: str) -> list[Contestant]:
-    out = []
-    try:
-        import pytorch_optimizer
-
-        out.append(optimizer_contestant("pytorch_optimizer.SOAP", lambda ps: pytorch_optimizer.SOAP(
-            ps, lr=3e-3, betas=(0.95, 0.95), precondition_frequency=FREQ), shapes, grads, device))
-    except Exception as err:  # noqa: BLE001 - any failure of a peer is reported, not fatal
-        print(f"skipping pytorch_optimizer.SOAP: {err}")
-    try:
-        import heavyball
-
-        out.append(optimizer_contestant("heavyball.SOAP", lambda ps: heavyball.SOAP(
-            ps, lr=3e-3, betas=(0.95, 0.95), precondition_frequency=FREQ,
-            use_precond_schedule=False, compile_step=False, merge_dims=False,
-            max_precond_dim=10000), shapes, grads, device))
-    except Exception as err:  # noqa: BLE001
-        print(f"skipping heavyball.SOAP: {err}")
-    return out
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_window(c: Contestant, device: str) -> None:
+def run_window(c: Contestant, grads: list[list[Tensor]], device: torch.device,
+               record: bool = True) -> None:
+    """FREQ consecutive steps; each step's and the window's wall time are recorded."""
     times = []
     for _ in range(FREQ):
+        for p, g in zip(c.params, grads[c.steps % len(grads)], strict=True):
+            p.grad = g
         sync(device)
-        t0 = time.perf_counter()
-        c.step()
+        start = time.perf_counter()
+        c.opt.step()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    c.windows.append(times)
+        times.append(time.perf_counter() - start)
+        c.steps += 1
+    if record:
+        c.step_s.extend(times)
+        c.window_s.append(sum(times))
 
 
-def summarize(c: Contestant, floor: float, fastest_peer: float | None) -> dict:
-    ordinary = statistics.median(statistics.median(sorted(w)[:-1]) for w in c.windows)
-    amortized = statistics.median(sum(w) for w in c.windows) / FREQ
-    refresh = statistics.median((max(w) - ordinary) / ordinary for w in c.windows)
-    return {"optimizer": c.name, "ordinary step (ms)": 1e3 * ordinary,
-            "amortized step (ms)": 1e3 * amortized, "refresh cost (steps)": refresh,
-            "ordinary / floor": ordinary / floor, "amortized / floor": amortized / floor,
-            "amortized / fastest peer": amortized / fastest_peer if fastest_peer else None,
-            "state (MB)": c.memory() / 2**20}
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the distinct tensor storages reachable from ``opt.state`` (works for peers)."""
+    seen: dict[int, int] = {}
+
+    def walk(obj: Any) -> None:
+        if torch.is_tensor(obj):
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(list(opt.state.values()))
+    return sum(seen.values())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--windows", type=int, default=5, help="timed windows of 10 steps")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-peers", action="store_true")
-    args = parser.parse_args()
+# -- the matmul floor -----------------------------------------------------------------------------
+def floor_flops(shapes: list[Shape]) -> float:
+    """Flops of the ordinary SOAP step's matrix products: 6·(m²n + mn²) per m×n matrix."""
+    return float(sum(6 * (s[0] ** 2 * s[1] + s[0] * s[1] ** 2) for s in shapes if len(s) == 2))
+
+
+def floor_operands(shapes: list[Shape], grads: list[Tensor],
+                   device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(G, Q_L, Q_R) stacks for each distinct matrix shape, with random orthogonal bases."""
+    groups: dict[Shape, list[Tensor]] = defaultdict(list)
+    for s, g in zip(shapes, grads, strict=True):
+        if len(s) == 2:
+            groups[s].append(g)
+    operands = []
+    for (m, n), gs in groups.items():
+        G = torch.stack(gs)
+        QL = torch.linalg.qr(torch.randn(len(gs), m, m, device=device)).Q
+        QR = torch.linalg.qr(torch.randn(len(gs), n, n, device=device)).Q
+        operands.append((G, QL, QR))
+    return operands
+
+
+def floor_products(operands: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+    for G, QL, QR in operands:
+        torch.matmul(G, G.mT)
+        torch.matmul(G.mT, G)
+        X = torch.matmul(torch.matmul(QL.mT, G), QR)
+        torch.matmul(torch.matmul(QL, X), QR.mT)
+
+
+def time_floor(operands: list[tuple[Tensor, Tensor, Tensor]], device: torch.device,
+               repeats: int = 5) -> float:
+    """Median seconds of the floor's products (best case: no optimizer bookkeeping)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        floor_products(operands)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- report ---------------------------------------------------------------------------------------
+def table(contestants: list[Contestant], floor_s: float, skipped: dict[str, str]) -> str:
+    ordinary = {c.name: statistics.median(c.step_s) for c in contestants}
+    amortized = {c.name: statistics.median(c.window_s) / FREQ for c in contestants}
+    peers = [amortized[c.name] for c in contestants if c.name in PEERS]
+    best_peer = min(peers) if peers else float("nan")
+    rows = ["| optimizer | step ms | amortized ms | refresh (steps) | /floor | /floor amort "
+            "| /peer (amort) | state MB |", "|" + "---|" * 8]
+    for c in contestants:
+        o, a = ordinary[c.name], amortized[c.name]
+        refresh = (a * FREQ - FREQ * o) / o
+        vs_peer = f"{a / best_peer:.2f}" if peers else "-"
+        rows.append(f"| {c.name} | {o * 1e3:.1f} | {a * 1e3:.1f} | {refresh:.1f} | "
+                    f"{o / floor_s:.2f} | {a / floor_s:.2f} | {vs_peer} | "
+                    f"{state_bytes(c.opt) / 2**20:.1f} |")
+    for name, why in skipped.items():
+        rows.append(f"| {name} | skipped: {why} | | | | | | |")
+    return "\n".join(rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=65)
+    ap.add_argument("--block", type=int, default=256, help="position-embedding rows")
+    ap.add_argument("--steps", type=int, default=30,
+                    help="timed steps per optimizer (rounded up to windows of 10)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--only", default=None, help="comma-separated contestants to run")
+    ap.add_argument("--heavyball", default="compiled", choices=("compiled", "eager", "skip"))
+    ap.add_argument("--windows", type=int, default=None,
+                    help="timed windows of 10 steps per optimizer (overrides --steps)")
+    ap.add_argument("--no-peers", action="store_true", help="skip pytorch_optimizer and heavyball")
+    ap.add_argument("--grad-sets", type=int, default=7,
+                    help="distinct pre-drawn gradient sets, cycled (7: coprime with the window, "
+                         "so windows differ, and the factors become full rank as in training)")
+    return ap.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> torch.device:
     torch.set_flush_denormal(True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = gpt_shapes(args.width, args.layers)
-    gen = torch.Generator().manual_seed(1)
-    # A pool of gradient sets, cycled: like training, the factors accumulate different
-    # gradients and become full rank (a single repeated gradient would keep them rank-deficient).
-    grads = [[torch.randn(s, generator=gen).to(args.device) for s in shapes]
-             for _ in range(GRADIENT_POOL)]
-    ours = {"AdamW (torch, foreach)": lambda ps: torch.optim.AdamW(ps, lr=3e-3, foreach=True)}
-    for name in ("soap", "soap_factorized", "soap_one_sided", "soap_eigh", "shampoo"):
-        ours[f"soaplab {name}"] = (lambda n: lambda ps: soaplab.optimizer(
-            n, ps, lr=3e-3, precondition_frequency=FREQ))(name)
-    contestants = [optimizer_contestant(n, b, shapes, grads, args.device) for n, b in ours.items()]
-    peer_list = [] if args.no_peers else peers(shapes, grads, args.device)
-    floor = floor_contestant(shapes, grads, 10000)
-    everyone = [floor, *contestants, *peer_list]
-    for c in everyone:  # warm-up window, not recorded
-        time_window(c, args.device)
-        c.windows.clear()
-    for _ in range(args.windows):
-        for c in everyone:
-            time_window(c, args.device)
-    floor_time = statistics.median(statistics.median(w) for w in floor.windows)
-    fastest = min((summarize(p, floor_time, None)["amortized step (ms)"] / 1e3
-                   for p in peer_list), default=None)
-    rows = [summarize(c, floor_time, fastest) for c in contestants + peer_list]
-    print(f"\nGPT width {args.width}, {args.layers} layers, {len(shapes)} tensors, "
-          f"device {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"matmul floor {1e3 * floor_time:.1f} ms per step\n")
-    print(markdown_table(rows, digits=3))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, as on CPU
+    return device
+
+
+def build(args: argparse.Namespace, shapes: list[Shape],
+          device: torch.device) -> tuple[list[Contestant], dict[str, str]]:
+    wanted = args.only.split(",") if args.only else None
+    contestants, skipped = [], {}
+    for name, make in builders(args.heavyball).items():
+        if (wanted and name not in wanted) or (args.no_peers and name in PEERS):
+            continue
+        if isinstance(make, str):
+            skipped[name] = make
+            continue
+        params = [p.requires_grad_() for p in make_params(shapes, device)]
+        try:
+            contestants.append(Contestant(name, params, make(params)))
+        except Exception as err:  # a peer that cannot be built is reported, not fatal
+            skipped[name] = f"{type(err).__name__}: {err}"
+    return contestants, skipped
+
+
+def warm_up(contestants: list[Contestant], grads: list[list[Tensor]],
+            device: torch.device) -> dict[str, str]:
+    """First step (state init) plus one full window per contestant; failures are dropped."""
+    failed = {}
+    for c in list(contestants):
+        start = time.perf_counter()
+        try:
+            for p, g in zip(c.params, grads[0], strict=True):
+                p.grad = g
+            c.opt.step()
+            c.steps = 1
+            run_window(c, grads, device, record=False)
+        except Exception as err:  # e.g. a peer whose torch.compile fails on this machine
+            failed[c.name] = f"failed to run: {type(err).__name__}: {str(err)[:200]}"
+            contestants.remove(c)
+        c.warmup_s = time.perf_counter() - start
+        print(f"  warm-up {c.name}: {c.warmup_s:.1f} s", file=sys.stderr, flush=True)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = setup(args)
+    shapes = gpt_shapes(args.width, args.layers, args.vocab, args.block)
+    grads = draw_grads(shapes, args.grad_sets, device)
+    contestants, skipped = build(args, shapes, device)
+    skipped.update(warm_up(contestants, grads, device))
+    operands = floor_operands(shapes, grads[0], device)
+    floor_products(operands)  # warm-up
+    floor_times = []
+    rounds = args.windows or max(1, -(-args.steps // FREQ))
+    for r in range(rounds):
+        floor_times.append(time_floor(operands, device))
+        shift = r % len(contestants)
+        for c in contestants[shift:] + contestants[:shift]:
+            run_window(c, grads, device)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    floor_s = statistics.median(floor_times)
+    flops = floor_flops(shapes)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    cpu = platform.processor() or platform.machine()
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"GPT width {args.width}, {args.layers} layers, vocab {args.vocab}, block "
+          f"{args.block}: {len(shapes)} tensors, {n_params / 1e6:.2f} M parameters")
+    print(f"device {device.type} ({where}); torch {torch.__version__}; "
+          f"precondition_frequency {FREQ}; {rounds} rounds of {FREQ} steps")
+    print(f"matmul floor: {flops / 1e9:.2f} GFLOP per step at {flops / floor_s / 1e9:.0f} "
+          f"GFLOP/s measured = {floor_s * 1e3:.1f} ms\n")
+    print(table(contestants, floor_s, skipped))
 
 
 if __name__ == "__main__":

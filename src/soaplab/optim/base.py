@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from soaplab.optim._checks import check_choice
+from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
+from soaplab.optim.distributed.ddp import OwnerSplit
 from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state_dtype
@@ -59,9 +61,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     """Common machinery; not used directly."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str,
-                 matrix_dtype: torch.dtype | None) -> None:
+                 matrix_dtype: torch.dtype | None, process_group: Any = None) -> None:
         check_choice("nonfinite", nonfinite, ("raise", "skip"))
         super().__init__(params, defaults)
+        # DDP mode (see soaplab.optim.distributed): None means every rank does all the work.
+        self._split = OwnerSplit.create(self, process_group)
         self.nonfinite = nonfinite
         self.matrix_dtype = matrix_dtype
         self.skipped_steps = 0
@@ -95,6 +99,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for bucket in self._buckets(group):
                 self._step_bucket(bucket, group)
+            if self._split is not None:
+                self._split.gather(group)
         return loss
 
     def _name(self, group: dict[str, Any], index: int) -> str:
@@ -118,12 +124,16 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} got a complex gradient for "
                                        f"{self._name(group, i)}")
                 checked.append((group, i, torch.isfinite(p.grad).all()))
-        if not checked or bool(torch.stack([c[2].to("cpu") for c in checked]).all()):
+        finite = not checked or bool(torch.stack([c[2].to("cpu") for c in checked]).all())
+        if self._split is not None:  # every rank must take the same branch below
+            finite = self._split.all_agree(finite)
+        if finite:
             return True
         if self.nonfinite == "skip":
             return False
-        group, i, _ = next(c for c in checked if not bool(c[2]))
-        raise ValueError(f"{type(self).__name__}: gradient of {self._name(group, i)} contains "
+        bad = next((c for c in checked if not bool(c[2])), None)
+        where = "a parameter on another rank" if bad is None else self._name(bad[0], bad[1])
+        raise ValueError(f"{type(self).__name__}: gradient of {where} contains "
                          "NaN or Inf; no state was changed (pass nonfinite='skip' to skip such "
                          "steps)")
 
@@ -131,7 +141,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         plan_kwargs = self._plan_kwargs(group)
         members: dict[tuple, list[tuple[Tensor, FactorPlan]]] = defaultdict(list)
         for p in group["params"]:
-            if p.grad is None or p.numel() == 0:
+            if p.grad is None or p.numel() == 0 or (self._split and not self._split.owns(p)):
                 continue
             plan = plan_factors(tuple(p.shape), **plan_kwargs)
             if not group.get("batched", True):
@@ -159,7 +169,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint, keeping every state tensor in its saved dtype (fp32 factors of a
         bf16 parameter stay fp32)."""
-        load_state_preserving_dtypes(self, state_dict)
+        load_state_preserving_dtypes(self, state_to_load(self, state_dict))
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; in DDP mode only this rank's share, marked with its rank."""
+        return mark_shard(super().state_dict(), self._split)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state currently held."""

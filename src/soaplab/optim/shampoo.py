@@ -52,7 +52,7 @@ class Shampoo(KroneckerOptimizer):
         exponent: overall Kronecker exponent e: 0.25 (classic) or 0.5.
         grafting: "adam", "adagrad", "sgd" or "none". graft_eps: ε of the grafted optimizer.
         max_precond_dim, merge_dims, precondition_1d, data_format: as in SOAP.
-        matrix_dtype, nonfinite, batched: as in SOAP.
+        matrix_dtype, nonfinite, batched, process_group: as in SOAP.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
@@ -61,7 +61,8 @@ class Shampoo(KroneckerOptimizer):
                  exponent: float = 0.25, grafting: str = "adam", graft_eps: float = 1e-8,
                  max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, data_format: str = "channels_first", *,
-                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool = True) -> None:
+                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool = True,
+                 process_group: Any = None) -> None:
         check_nonnegative("lr", lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
@@ -84,7 +85,8 @@ class Shampoo(KroneckerOptimizer):
                         merge_dims=merge_dims, precondition_1d=precondition_1d,
                         data_format=data_format, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
-                         matrix_dtype=resolve_matrix_dtype(matrix_dtype))
+                         matrix_dtype=resolve_matrix_dtype(matrix_dtype),
+                         process_group=process_group)
 
     def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],

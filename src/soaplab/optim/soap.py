@@ -73,6 +73,8 @@ class SOAP(KroneckerOptimizer):
             parameters, float32 otherwise.
         nonfinite: "raise" (default) on a NaN/Inf gradient before touching state, or "skip".
         batched: stack same-shape parameters so each matmul runs once per shape.
+        process_group: under DDP, split the preconditioner work across this group's ranks
+            (see soaplab.optim.distributed); None: every rank does all of it.
     """
 
     def __init__(self, params: Iterable, lr: float = 3e-3,
@@ -83,7 +85,7 @@ class SOAP(KroneckerOptimizer):
                  normalize_grads: bool = False, data_format: str = "channels_first",
                  correct_bias: bool = True, *, one_sided: bool = False, factorized: bool = False,
                  refresh: str = "qr", matrix_dtype: Any = None, nonfinite: str = "raise",
-                 batched: bool = True) -> None:
+                 batched: bool = True, process_group: Any = None) -> None:
         check_nonnegative("lr", lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
@@ -101,7 +103,8 @@ class SOAP(KroneckerOptimizer):
                         data_format=data_format, correct_bias=correct_bias, one_sided=one_sided,
                         factorized=factorized, refresh=refresh, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
-                         matrix_dtype=resolve_matrix_dtype(matrix_dtype))
+                         matrix_dtype=resolve_matrix_dtype(matrix_dtype),
+                         process_group=process_group)
 
     def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],

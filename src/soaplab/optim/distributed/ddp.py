@@ -1,0 +1,134 @@
+"""DDP mode: each rank runs SOAP/Shampoo only for the parameters it owns, then one all-gather
+per param group (and dtype) copies every owner's updated values to all ranks.
+
+Under DDP every rank holds the same parameters and, after the backward all-reduce, the same
+gradients, so the owner's update is exactly the update the unsplit optimizer would make, and
+copying the updated *values* (not the updates) keeps the replicas bitwise identical. The
+gathered layout is fixed (every parameter of the group, in group order, padded to the largest
+rank's share), so no rank can disagree with another about message sizes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from soaplab.optim.distributed.ownership import assign_owners, param_cost
+from soaplab.optim.kronecker import plan_factors
+
+if TYPE_CHECKING:
+    from soaplab.optim.base import KroneckerOptimizer
+
+# ``all_gather_into_tensor`` is deprecated from torch 2.13 on, in favour of this name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class OwnerSplit:
+    """Who owns which parameter of one optimizer, and the collectives of a split step."""
+
+    def __init__(self, optimizer: KroneckerOptimizer, process_group: Any) -> None:
+        self.optimizer = optimizer
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self._owners: dict[Tensor, int] = {}
+        self._layout: tuple[int, ...] = ()
+
+    @classmethod
+    def create(cls, optimizer: KroneckerOptimizer, process_group: Any) -> OwnerSplit | None:
+        """None (the plain optimizer) without a process group or with a group of one rank."""
+        if process_group is None:
+            return None
+        if not dist.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialized; "
+                             "call torch.distributed.init_process_group first")
+        if dist.get_rank(process_group) < 0:
+            raise ValueError("this process is not a member of the given process_group")
+        if dist.get_world_size(process_group) == 1:
+            return None
+        return cls(optimizer, process_group)
+
+    # -- ownership ------------------------------------------------------------------------------
+    def owners(self) -> dict[Tensor, int]:
+        """Owner rank of every parameter; recomputed only when the parameter list changes."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        layout = tuple(id(p) for p in params)
+        if layout != self._layout:
+            costs = self._costs()
+            owners = dict(zip(params, assign_owners(costs, self.world_size), strict=True))
+            moved = [p for p, r in self._owners.items()
+                     if p in owners and owners[p] != r and self.optimizer.state.get(p)]
+            if moved:
+                raise RuntimeError("adding parameters would move existing optimizer state to "
+                                   "another rank; add every param group before the first step")
+            self._check_ranks_agree(costs, params)
+            self._owners, self._layout = owners, layout
+        return self._owners
+
+    def owns(self, p: Tensor) -> bool:
+        """From the assignment of the last :meth:`owners` call (made by every rank each step)."""
+        return self._owners[p] == self.rank
+
+    def _costs(self) -> list[int]:
+        costs = []
+        for group in self.optimizer.param_groups:
+            kwargs = self.optimizer._plan_kwargs(group)
+            for p in group["params"]:
+                plan = plan_factors(tuple(p.shape), **kwargs)
+                costs.append(param_cost(plan.shape, plan.axes))
+        return costs
+
+    def _check_ranks_agree(self, costs: list[int], params: list[Tensor]) -> None:
+        """Ranks with different parameter lists would assign different owners: fail loudly."""
+        digest = sum((i + 1) * c for i, c in enumerate(costs)) % (2**61 - 1)
+        mine = torch.tensor([len(costs), digest], dtype=torch.int64, device=self._device(params))
+        everyone = torch.empty(self.world_size * 2, dtype=torch.int64, device=mine.device)
+        _all_gather_single(everyone, mine, group=self.process_group)
+        if not bool((everyone.view(-1, 2) == mine).all()):
+            raise ValueError("ranks disagree on the optimizer's parameters (count or shapes); "
+                             "every rank must build the same model and param groups")
+
+    @staticmethod
+    def _device(params: list[Tensor]) -> torch.device:
+        return params[0].device if params else torch.device("cpu")
+
+    # -- collectives of a step ---------------------------------------------------------------
+    def all_agree(self, ok: bool) -> bool:
+        """True on every rank iff it is True on every rank (one tiny all-reduce).
+
+        Every rank passes here at the start of each step, so this is also where the ownership
+        is (re)computed: that may run a collective, which must never happen on one rank alone.
+        """
+        self.owners()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self._device(params))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(flag.item())
+
+    def gather(self, group: dict[str, Any]) -> None:
+        """Copy each owner's parameter values of ``group`` to every rank."""
+        owners = self.owners()
+        kinds: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in group["params"]:
+            if p.numel() > 0:
+                kinds[(p.dtype, p.device)].append(p)
+        for (dtype, device), params in kinds.items():
+            shares = [[p for p in params if owners[p] == r] for r in range(self.world_size)]
+            width = max(sum(p.numel() for p in share) for share in shares)
+            send = torch.zeros(width, dtype=dtype, device=device)
+            if shares[self.rank]:
+                flat = torch.cat([p.detach().reshape(-1) for p in shares[self.rank]])
+                send[:flat.numel()] = flat
+            received = torch.empty(self.world_size * width, dtype=dtype, device=device)
+            _all_gather_single(received, send, group=self.process_group)
+            for r, share in enumerate(shares):
+                if r == self.rank:
+                    continue
+                offset = r * width
+                for p in share:
+                    p.copy_(received[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
