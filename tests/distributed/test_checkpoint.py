@@ -24,10 +24,9 @@ from tests.distributed import harness
 from tests.distributed.harness import OPTIMIZERS, STEPS, make_model, param_groups, set_grads
 
 SAVE_AT = 10
-# DCP loads only the keys of a template made by a fresh optimizer's first step; Shampoo creates
-# its inverse roots later (at start_preconditioning_step), so DCP silently drops them. Until
-# Shampoo allocates every state entry on its first step, DCP is supported for SOAP only.
-DCP_OPTIMIZERS = ("soap",)
+# DCP loads only the keys of a template made by a fresh optimizer's first step, so every
+# optimizer must create all of its state entries on that step (both do).
+DCP_OPTIMIZERS = ("soap", "shampoo")
 Model = torch.nn.ParameterList
 Loader = Callable[[Model, torch.optim.Optimizer], None]
 
@@ -136,8 +135,7 @@ def _dcp_loaders(name: str, path: Path, split: bool = False) -> list[Loader]:
 
 @pytest.mark.parametrize(("name", "route"), [
     ("soap", "file"), ("soap", "dcp"), ("shampoo", "file"),
-    pytest.param("shampoo", "dcp", marks=pytest.mark.xfail(
-        strict=True, reason="DCP drops Shampoo's lazily created inverse roots")),
+    ("shampoo", "dcp"),
 ])
 def test_single_process_checkpoints_round_trip(name: str, route: str, tmp_path: Path) -> None:
     model, opt, params10 = _run_and_save(name, tmp_path, "plain", 0)

@@ -145,6 +145,9 @@ def _init_state(bucket: Bucket, grafting: str) -> None:
         for axis in plan.axes:
             d = plan.shape[axis]
             s[f"factor_{axis}"] = torch.zeros(d, d, dtype=G.dtype, device=G.device)
+            # Every state entry exists from the first step (checkpoint templates, e.g. DCP's,
+            # are built from a fresh first step); the roots are used from the start step on.
+            s[f"root_{axis}"] = torch.eye(d, dtype=G.dtype, device=G.device)
 
 
 def _direction(bucket: Bucket, group: dict[str, Any], moment: Tensor,
@@ -154,7 +157,7 @@ def _direction(bucket: Bucket, group: dict[str, Any], moment: Tensor,
     reference = graft_fns.graft_direction(group["grafting"], graft_state, bucket.grads, moment,
                                           group["betas"][1], t, group["graft_eps"])
     axes = bucket.plan.axes
-    if not axes or any(f"root_{axis}" not in bucket.states[0] for axis in axes):
+    if not axes or t < group["start_preconditioning_step"]:
         return moment if reference is None else reference
     roots = {axis: bucket.stack(f"root_{axis}") for axis in axes}
     direction = project(moment, roots)  # roots are symmetric, so this is X ×_k P_k
