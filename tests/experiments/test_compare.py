@@ -23,11 +23,11 @@ def test_compare_writes_report_and_plots(tmp_path, task):
     extra = ["--max-chars", "40000"] if task == "lm" else []
     code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3",
                  "--batch-size", "4", "--optimizers", "adamw,soap", "--freqs", "2,4",
-                 "--out", str(tmp_path), "--no-progress", *extra])
+                 "--threads", "1", "--out", str(tmp_path), "--no-progress", *extra])
     assert code == 0
     report = (tmp_path / "report.md").read_text()
     assert "steps_to_target" in report and report.count("| soap |") == 2
-    pngs = ["val_loss_vs_steps.png", "val_loss_vs_time.png"]
+    pngs = ["val_loss_vs_steps.png", "val_loss_vs_time.png", "train_loss_vs_steps.png"]
     for png in pngs + (["colorization.png"] if task == "colorize" else []):
         assert (tmp_path / png).stat().st_size > 5000
     config = json.loads((tmp_path / "config.json").read_text())
@@ -44,3 +44,5 @@ def test_compare_rejects_bad_input(capsys):
     assert "unknown optimizer(s) sgdx" in " ".join(err.split())
     assert main(["compare", "lm", "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["compare", "lm", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err

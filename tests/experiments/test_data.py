@@ -1,5 +1,7 @@
 """Data loaders on the real offline sources, and their errors when a source is missing."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,12 @@ def test_bundled_photos_split_into_patches_and_held_out_photos():
     assert data.val.shape == (3, 3, 96, 96)
     assert data.train[:, 0].min() >= -0.5 and data.train[:, 0].max() <= 0.5
     assert data.train[:, 1:].std() > 0.05  # real colour, not grey
+
+
+def test_missing_photo_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # makes `import skimage` fail
+    with pytest.raises(FileNotFoundError, match="need skimage: pip install scikit-image"):
+        photos.PhotoSet.load()
 
 
 def test_lab_round_trip():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import TrainConfig
 from soaplab.experiments.tasks import TaskOptions
@@ -52,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--out", type=Path, default=Path(f"runs/compare-{task}"),
                        help="run folder (default %(default)s)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default: torch's choice; 1 is faster on a "
+                            "busy shared machine, where threads spin-wait on each other)")
         p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small", "paper"],
                        help="model size (default tiny; micro is for smoke tests)")
         p.add_argument("--batch-size", type=int, default=32, help="examples per step")
@@ -75,9 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
-                        ("--eval-every", args.eval_every)):
+                        ("--eval-every", args.eval_every),
+                        ("--threads", 1 if args.threads is None else args.threads)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = TaskOptions(task=args.task, size=args.size, text=getattr(args, "text", None),
                        max_chars=getattr(args, "max_chars", None),
                        images=getattr(args, "images", None), batch_size=args.batch_size)

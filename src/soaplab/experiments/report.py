@@ -20,13 +20,25 @@ COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_los
            "state_mb", "diverged"]
 
 
-def _curves(runs: list[Run], results: dict[str, RunResult], x: str
+def _eval_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation records, each with ``train_loss`` replaced by the mean training loss of
+    the steps since the previous evaluation (one noisy batch says little)."""
+    points, window = [], []
+    for r in records:
+        window.append(r["train_loss"])
+        if "val_loss" in r:
+            points.append({**r, "train_loss": sum(window) / len(window)})
+            window = []
+    return points
+
+
+def _curves(runs: list[Run], results: dict[str, RunResult], x: str, y: str = "val_loss"
             ) -> dict[str, tuple[list[float], list[float]]]:
-    """Validation curves, one line per optimizer (and frequency): its best lr by mean final
-    validation loss, seeds averaged pointwise."""
+    """Curves of ``y`` against ``x``, one line per optimizer (and frequency): its best lr by
+    mean final validation loss, seeds averaged pointwise."""
     by_lr: dict[tuple[str, float], list[list[dict[str, Any]]]] = defaultdict(list)
     for run in runs:
-        recs = [r for r in results[run.label].records if "val_loss" in r]
+        recs = _eval_points(results[run.label].records)
         if recs:
             by_lr[(run.curve, run.lr)].append(recs)
     chosen: dict[str, tuple[float, list[list[dict[str, Any]]]]] = {}
@@ -39,7 +51,7 @@ def _curves(runs: list[Run], results: dict[str, RunResult], x: str
     for curve, (_, seeds) in chosen.items():
         n = min(len(s) for s in seeds)
         curves[curve] = ([sum(s[i][x] for s in seeds) / len(seeds) for i in range(n)],
-                         [sum(s[i]["val_loss"] for s in seeds) / len(seeds) for i in range(n)])
+                         [sum(s[i][y] for s in seeds) / len(seeds) for i in range(n)])
     return curves
 
 
@@ -54,6 +66,10 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
                         xlabel="training seconds (evaluation excluded)",
                         ylabel=f"validation {metric}", logy=True,
                         title=f"{task}: validation loss against wall-clock"),
+        plots.line_plot(_curves(runs, results, "step", "train_loss"),
+                        out / "train_loss_vs_steps.png", xlabel="step",
+                        ylabel=f"training {metric}, mean between evaluations", logy=True,
+                        title=f"{task}: training loss against steps"),
     ]
     examples = _colorization_strip(out, runs, results, rows)
     if examples is not None:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, *,
@@ -26,6 +27,10 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
         ax.set_title(title)
     if logy:
         ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ax.yaxis.set_major_formatter(ScalarFormatter())  # 2.2, not 2.2×10⁰
+        # label the minor ticks too when the range is under a decade (else no tick is labelled)
+        ax.yaxis.set_minor_formatter(ScalarFormatter() if high < 10 * low else NullFormatter())
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
