@@ -19,7 +19,7 @@ from torch import Tensor
 from soaplab.optim._checks import check_choice
 from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
-from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape
+from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape, update_factors
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state_dtype
 
@@ -48,6 +48,18 @@ class Bucket:
         stacked = torch.stack(tensors)
         self.store(key, stacked)
         return stacked
+
+    def update_factors(self, group: dict[str, Any]) -> dict[int, Tensor]:
+        """EMA of this step's gradient Gram matrices into the factors; returns them stacked.
+
+        The EMA coefficient is the group's ``shampoo_beta``, or β2 when that is negative."""
+        beta = group["shampoo_beta"]
+        beta = group["betas"][1] if beta is None or beta < 0 else beta
+        factors = {axis: self.stack(f"factor_{axis}") for axis in self.plan.axes}
+        update_factors(factors, self.grads, beta)
+        for axis, value in factors.items():
+            self.store(f"factor_{axis}", value)
+        return factors
 
     def store(self, key: str, stacked: Tensor) -> None:
         """Make each parameter's entry a view of ``stacked`` (no copy)."""

@@ -31,7 +31,7 @@ from soaplab.optim._checks import (
     check_positive,
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer
-from soaplab.optim.kronecker import from_plan_shape, project, update_factors
+from soaplab.optim.kronecker import from_plan_shape, project
 from soaplab.optim.matrix_functions import MatrixFunctionError, inverse_root
 from soaplab.optim.state import resolve_matrix_dtype
 
@@ -99,12 +99,8 @@ class Shampoo(KroneckerOptimizer):
         for s in bucket.states:
             s["step"] += 1
         t = bucket.states[0]["step"]
-        beta1, beta2 = group["betas"]
-        beta = group["shampoo_beta"]
-        factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
-        update_factors(factors, G, beta2 if beta is None or beta < 0 else beta)
-        for axis, value in factors.items():
-            bucket.store(f"factor_{axis}", value)
+        beta1 = group["betas"][0]
+        factors = bucket.update_factors(group)
         start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
         if plan.axes and t >= start and (t - start) % freq == 0:
             self._compute_roots(bucket, factors, group)

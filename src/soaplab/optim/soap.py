@@ -36,7 +36,7 @@ from soaplab.optim._checks import (
     check_nonnegative,
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer
-from soaplab.optim.kronecker import from_plan_shape, project, project_back, update_factors
+from soaplab.optim.kronecker import from_plan_shape, project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
     eigenbasis,
@@ -116,9 +116,7 @@ class SOAP(KroneckerOptimizer):
             self._init_bucket(bucket, group)
             return
         _soap_update(bucket, group)
-        beta = group["shampoo_beta"]
-        beta = group["betas"][1] if beta is None or beta < 0 else beta
-        _update_factors(bucket, beta)
+        bucket.update_factors(group)
         if bucket.states[0]["step"] % group["precondition_frequency"] == 0:
             self._refresh(bucket, group)
 
@@ -133,8 +131,7 @@ class SOAP(KroneckerOptimizer):
             for axis in plan.axes:
                 d = plan.shape[axis]
                 s[f"factor_{axis}"] = torch.zeros(d, d, dtype=G.dtype, device=G.device)
-        beta = group["shampoo_beta"]
-        _update_factors(bucket, group["betas"][1] if beta is None or beta < 0 else beta)
+        bucket.update_factors(group)
         for axis in plan.axes:
             factors = bucket.stack(f"factor_{axis}")
             try:
@@ -173,13 +170,6 @@ def _bases(bucket: Bucket) -> dict[int, Tensor]:
 def _second_moment(bucket: Bucket) -> dict[str, Tensor]:
     keys = second_moment.FULL if "exp_avg_sq" in bucket.states[0] else second_moment.FACTORED
     return {key: bucket.stack(key) for key in keys}
-
-
-def _update_factors(bucket: Bucket, beta: float) -> None:
-    factors = {axis: bucket.stack(f"factor_{axis}") for axis in bucket.plan.axes}
-    update_factors(factors, bucket.grads, beta)
-    for axis, value in factors.items():
-        bucket.store(f"factor_{axis}", value)
 
 
 def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
