@@ -4,13 +4,15 @@ memory and per-rank preconditioner work, for 1, 2 and 4 CPU processes (gloo).
 Run: ``python benchmarks/distributed.py [--world-sizes 1 2 4 --width 128 --layers 2]``
 
 Every rank of a world size holds the same GPT-shaped parameters and gets the same gradients
-(as after DDP's all-reduce). Two optimizers run side by side in each process, in alternating
+(as after DDP's all-reduce). Three optimizers run side by side in each process, in alternating
 windows of ``--freq`` steps (one basis refresh per window), so drifts of a shared machine hit
-both alike:
+all alike:
 
 * redundant: the plain optimizer, every rank doing all the work (what DDP does today);
 * split: ``process_group=WORLD``, each rank owning a cost-balanced share of the parameters, plus
-  one all-gather of the parameter values per param group.
+  one all-gather of the parameter values per param group;
+* fsdp: the parameters and gradients are DTensors sharded by rows (FSDP2's layout); the owners
+  are split's, plus two all-to-alls per param group (shards to the owner, new values back).
 
 Per step we take the slowest rank (it sets the pace of a synchronous job) and report the median
 over steps (an ordinary step) and the mean (refreshes amortized). Memory is the optimizer
@@ -34,6 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from soaplab import SOAP, Shampoo
 from soaplab.optim.distributed import param_cost
@@ -41,6 +45,7 @@ from soaplab.optim.kronecker import plan_factors
 from soaplab.reporting.tables import markdown_table
 
 OPTIMIZERS = {"soap": SOAP, "shampoo": Shampoo}
+MODES = ("redundant", "split", "fsdp")
 
 
 def shapes(width: int, layers: int, vocab: int = 65, block: int = 64) -> list[tuple[int, ...]]:
@@ -70,17 +75,25 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, 
     gen = torch.Generator().manual_seed(0)
     sizes = shapes(args.width, args.layers)
     grads = [[torch.randn(s, generator=gen) for s in sizes] for _ in range(args.grad_pool)]
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def sharded(t: torch.Tensor) -> DTensor:  # FSDP2's layout: rows split across ranks
+        return distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None)
+
     cls = OPTIMIZERS[args.optimizer]
     modes: dict[str, Any] = {}
-    for mode, group in (("redundant", None), ("split", dist.group.WORLD)):
-        params = [torch.nn.Parameter(torch.zeros(s)) for s in sizes]
-        modes[mode] = (params, cls(params, lr=1e-3, precondition_frequency=args.freq,
-                                   process_group=group))
+    for mode in MODES:
+        pool = [[sharded(g) for g in gs] for gs in grads] if mode == "fsdp" else grads
+        params = [torch.nn.Parameter(sharded(torch.zeros(s)) if mode == "fsdp"
+                                     else torch.zeros(s)) for s in sizes]
+        group = dist.group.WORLD if mode == "split" else None
+        modes[mode] = (params, pool, cls(params, lr=1e-3, precondition_frequency=args.freq,
+                                         process_group=group))
     times: dict[str, list[float]] = {mode: [] for mode in modes}
     for window in range(args.windows + 1):  # window 0 warms up (first step, allocations)
-        for mode, (params, opt) in modes.items():
+        for mode, (params, pool, opt) in modes.items():
             for k in range(args.freq):
-                for p, g in zip(params, grads[(window * args.freq + k) % len(grads)],
+                for p, g in zip(params, pool[(window * args.freq + k) % len(pool)],
                                 strict=True):
                     p.grad = g
                 dist.barrier()
@@ -90,7 +103,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, 
                 if window > 0:
                     times[mode].append(elapsed)
     result: dict[str, Any] = {"times": times}
-    for mode, (params, opt) in modes.items():
+    for mode, (params, _, opt) in modes.items():
         split = opt._split
         mine = [p for p in params if split is None or split.owns(p)]
         result[f"{mode}_bytes"] = opt.state_bytes()
@@ -116,7 +129,7 @@ def run(world_size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
         mp.spawn(_worker, args=(world_size, _free_port(), args, out), nprocs=world_size)
         ranks = json.loads(Path(out).read_text())
     rows = []
-    for mode in ("redundant", "split"):
+    for mode in MODES:
         slowest = [max(r["times"][mode][i] for r in ranks)
                    for i in range(len(ranks[0]["times"][mode]))]
         rows.append({

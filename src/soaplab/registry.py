@@ -42,11 +42,23 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "soap_one_sided_factorized": _soap(one_sided=True, factorized=True),
 }
 
+# torch's optimizers: no split mode, so under DDP they run replicated.
+REPLICATED = frozenset({"adamw", "adafactor"})
 
-def optimizer(name: str, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
-    """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable)."""
+
+def optimizer(name: str, params: Iterable, process_group: Any = None,
+              **kwargs: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable).
+
+    ``process_group`` (under DDP, e.g. ``torch.distributed.group.WORLD``) reaches soaplab's
+    optimizers, which then split their preconditioner work across its ranks (see
+    docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
+    it: they run replicated, every rank doing the same update on the same all-reduced gradient.
+    """
     key = name.strip().lower().replace("-", "_")
     if key not in OPTIMIZERS:
         known = ", ".join(sorted(OPTIMIZERS))
         raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
+    if process_group is not None and key not in REPLICATED:
+        kwargs["process_group"] = process_group
     return OPTIMIZERS[key](params, **kwargs)

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from soaplab import SOAP, Shampoo
 
@@ -66,10 +69,29 @@ def gradients(step: int, source: int = 0) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen) for s in SHAPES + VECTOR_SHAPES]
 
 
+def shard(model: torch.nn.Module, dim: int = 0) -> torch.nn.Module:
+    """FSDP2 over every rank: each parameter becomes a DTensor sharded along ``dim`` where
+    that splits evenly (FSDP2 allows uneven shards only on dim 0), else along dim 0."""
+    world_size = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def placement(p: torch.nn.Parameter) -> Shard:
+        return Shard(dim if p.dim() > dim and p.shape[dim] % world_size == 0 else 0)
+
+    return fully_shard(model, mesh=mesh, shard_placement_fn=placement)
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    """The whole value of a parameter, sharded (DTensor) or not."""
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach()
+
+
 def set_grads(model: torch.nn.ParameterList, grads: list[torch.Tensor]) -> None:
+    """Give every parameter its full gradient (a DTensor one its own shard of it)."""
     for p, g in zip(model, grads, strict=True):
-        p.grad = g.clone()
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None) \
+            if isinstance(p, DTensor) else g.clone()
 
 
 def max_diff(a: torch.nn.ParameterList, b: torch.nn.ParameterList) -> float:
-    return max((p - q).abs().max().item() for p, q in zip(a, b, strict=True))
+    return max((full(p) - full(q)).abs().max().item() for p, q in zip(a, b, strict=True))

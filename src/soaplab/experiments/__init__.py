@@ -2,5 +2,6 @@
 
 ``data/`` (Shakespeare, photos) and ``models/`` (nanoGPT, U-Net) feed ``tasks.py``; ``loop.py``
 is the one training loop; ``compare.py`` runs optimizers × frequencies × lrs × seeds and
-``report.py`` writes the table and plots; ``commands.py`` is ``soaplab compare``.
+``report.py`` writes the table and plots; ``commands.py`` is ``soaplab compare``; ``ddp.py``
+runs all of it under torchrun.
 """

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from soaplab.experiments import ddp
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import TrainConfig
 from soaplab.experiments.tasks import TaskOptions
@@ -86,15 +87,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    with ddp.session(args.device):
+        report = compare(_config(args))
+        if ddp.is_main():
+            print(f"report: {report}")
+            print(report.read_text())
+    return 0
+
+
+def _config(args: argparse.Namespace) -> CompareConfig:
+    """The comparison the flags ask for. Under torchrun, a restarted worker (after a rank
+    failed) resumes: every run continues from its checkpoint, as with ``--resume``."""
     task = TaskOptions(task=args.task, size=args.size, text=getattr(args, "text", None),
                        max_chars=getattr(args, "max_chars", None),
                        images=getattr(args, "images", None), batch_size=args.batch_size)
     train = TrainConfig(steps=args.steps, warmup=min(args.warmup, args.steps),
-                        eval_every=args.eval_every, device=args.device,
+                        eval_every=args.eval_every, device=ddp.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
-    cfg = CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
-                        lrs=args.lrs, seeds=args.seeds, out=args.out, resume=args.resume)
-    report = compare(cfg)
-    print(f"report: {report}")
-    print(report.read_text())
-    return 0
+    return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
+                         lrs=args.lrs, seeds=args.seeds, out=args.out,
+                         resume=args.resume or ddp.restarted())

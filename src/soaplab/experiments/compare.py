@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from soaplab.experiments import tuning
+from soaplab.experiments import ddp, tuning
 from soaplab.experiments.loop import RunResult, TrainConfig, train
 from soaplab.experiments.report import write_report
 from soaplab.experiments.tasks import TaskOptions
@@ -85,9 +85,11 @@ def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, An
 
 
 def compare(cfg: CompareConfig) -> Path:
-    """Run every planned run, then write ``report.md`` and the plots into ``cfg.out``."""
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg.out, cfg)
+    """Run every planned run, then write ``report.md`` and the plots into ``cfg.out`` (rank 0
+    only, under torchrun: every rank trains, and returns the report's path)."""
+    if ddp.is_main():
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg.out, cfg)
     runs = plan_runs(cfg)
     results: dict[str, RunResult] = {}
     for i, run in enumerate(runs, 1):
@@ -96,6 +98,8 @@ def compare(cfg: CompareConfig) -> Path:
                             optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq))
         results[run.label] = train(cfg.task, train_cfg, cfg.out / "runs" / run.label,
                                    resume=cfg.resume)
+    if not ddp.is_main():
+        return cfg.out / "report.md"
     target = _adamw_target(runs, results)
     rows = [summarize(run, results[run.label], target) for run in runs]
     return write_report(cfg.out, cfg.task.task, runs, results, rows, target)

@@ -77,7 +77,9 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
     env = environment()
     lines = [f"# soaplab compare {task}", "",
              f"Machine: {env['machine']}, {env['threads']} threads, torch {env['torch']}"
-             + (f", {env['cuda']}" if env["cuda"] else ", CPU") + ".", "",
+             + (f", {env['cuda']}" if env["cuda"] else ", CPU")
+             + (f", {env['world_size']} processes (torchrun, the batch split across them)"
+                if env["world_size"] > 1 else "") + ".", "",
              f"Validation metric: {metric}. Target = AdamW's best final validation loss"
              + (f" = **{target:.4f}**" if target is not None else " (no AdamW run)")
              + "; steps/seconds to target are the first evaluation at or below it "

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from soaplab.optim._checks import check_choice
 from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
-from soaplab.optim.distributed.ddp import OwnerSplit
+from soaplab.optim.distributed.ddp import OwnerSplit, Target
+from soaplab.optim.distributed.fsdp import ShardedSplit, local
 from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape, update_factors
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state_dtype
@@ -26,7 +27,10 @@ from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state
 
 @dataclass
 class Bucket:
-    """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape)."""
+    """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape).
+
+    ``params`` are the tensors the maths updates in place: the parameters themselves, or under
+    FSDP2 full-size copies that the split writes back to the shards."""
 
     params: list[Tensor]
     states: list[dict[str, Any]]
@@ -76,8 +80,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                  matrix_dtype: torch.dtype | None, process_group: Any = None) -> None:
         check_choice("nonfinite", nonfinite, ("raise", "skip"))
         super().__init__(params, defaults)
-        # DDP mode (see soaplab.optim.distributed): None means every rank does all the work.
-        self._split = OwnerSplit.create(self, process_group)
+        # DDP or FSDP2 mode (see soaplab.optim.distributed); None: this process does it all.
+        self._split = ShardedSplit.create(self, process_group) or \
+            OwnerSplit.create(self, process_group)
         self.nonfinite = nonfinite
         self.matrix_dtype = matrix_dtype
         self.skipped_steps = 0
@@ -109,11 +114,19 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                           f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
             return loss
         for group in self.param_groups:
-            for bucket in self._buckets(group):
+            targets = self._targets(group)
+            for bucket in self._buckets(group, targets):
                 self._step_bucket(bucket, group)
             if self._split is not None:
-                self._split.gather(group)
+                self._split.finish(group, targets)
         return loss
+
+    def _targets(self, group: dict[str, Any]) -> list[Target]:
+        """(parameter, tensor to update, gradient) for what this rank steps: every parameter
+        with a gradient, or under a split only the owned ones, whole (see distributed)."""
+        if self._split is not None:
+            return self._split.targets(group)
+        return [(p, p, p.grad) for p in group["params"] if p.grad is not None]
 
     def _name(self, group: dict[str, Any], index: int) -> str:
         names = group.get("param_names")
@@ -135,7 +148,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                 if p.grad.is_complex():
                     raise RuntimeError(f"{type(self).__name__} got a complex gradient for "
                                        f"{self._name(group, i)}")
-                checked.append((group, i, torch.isfinite(p.grad).all()))
+                checked.append((group, i, torch.isfinite(local(p.grad)).all()))
         finite = not checked or bool(torch.stack([c[2].to("cpu") for c in checked]).all())
         if self._split is not None:  # every rank must take the same branch below
             finite = self._split.all_agree(finite)
@@ -149,26 +162,26 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                          "NaN or Inf; no state was changed (pass nonfinite='skip' to skip such "
                          "steps)")
 
-    def _buckets(self, group: dict[str, Any]) -> list[Bucket]:
+    def _buckets(self, group: dict[str, Any], targets: list[Target]) -> list[Bucket]:
         plan_kwargs = self._plan_kwargs(group)
-        members: dict[tuple, list[tuple[Tensor, FactorPlan]]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is None or p.numel() == 0 or (self._split and not self._split.owns(p)):
+        members: dict[tuple, list[tuple[Tensor, Tensor, Tensor, FactorPlan]]] = defaultdict(list)
+        for p, tensor, grad in targets:
+            if tensor.numel() == 0:
                 continue
-            plan = plan_factors(tuple(p.shape), **plan_kwargs)
+            plan = plan_factors(tuple(tensor.shape), **plan_kwargs)
             if not group.get("batched", True):
                 key: tuple = (id(p),)
             else:
-                key = (plan.key, plan.channels_last, p.dtype, p.device,
+                key = (plan.key, plan.channels_last, tensor.dtype, tensor.device,
                        self.state[p].get("step", -1))
-            members[key].append((p, plan))
+            members[key].append((p, tensor, grad, plan))
         buckets = []
-        for pairs in members.values():
-            params = [p for p, _ in pairs]
-            plan = pairs[0][1]
-            dtype = state_dtype(params[0], self.matrix_dtype)
-            grads = torch.stack([to_plan_shape(p.grad.to(dtype), plan) for p in params])
-            buckets.append(Bucket(params, [self.state[p] for p in params], plan, grads))
+        for same in members.values():
+            params, tensors, grads, plans = zip(*same, strict=True)
+            dtype = state_dtype(tensors[0], self.matrix_dtype)
+            stacked = torch.stack([to_plan_shape(g.to(dtype), plans[0]) for g in grads])
+            buckets.append(Bucket(list(tensors), [self.state[p] for p in params], plans[0],
+                                  stacked))
         return buckets
 
     def _matrix_failed(self, err: MatrixFunctionError, what: str) -> None:

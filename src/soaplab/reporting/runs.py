@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 
 def environment() -> dict[str, Any]:
@@ -20,6 +21,8 @@ def environment() -> dict[str, Any]:
         "processor": platform.processor(),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # processes of a data-parallel (torchrun) run; the batch is split across them
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 

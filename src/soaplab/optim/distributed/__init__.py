@@ -1,11 +1,17 @@
 """soaplab's optimizers under ``torch.distributed``: who owns what, and how it is put back.
 
-Pass ``process_group=`` (e.g. ``torch.distributed.group.WORLD``) to ``SOAP`` or ``Shampoo``
-under DDP: every parameter gets one owner rank (``ownership``: balanced by estimated
-preconditioner cost), each rank keeps state for and updates only its own parameters, and one
-all-gather per param group copies the new values to every rank (``ddp``). With a group of one
-rank, or without ``process_group``, the optimizer is the plain single-process one.
-``checkpoint`` consolidates or checks the per-rank state. See docs/distributed.md.
+Every parameter gets one owner rank (``ownership``: a pure function of the shapes, balanced by
+estimated preconditioner cost); only the owner keeps its state and computes its update, with
+the single-process maths. Two ways of putting the result back:
+
+* ``ddp``: pass ``process_group=`` under DDP (every rank holds every parameter); one all-gather
+  per param group copies the new values to every rank. A group of one rank, or no
+  ``process_group``, gives the plain single-process optimizer.
+* ``fsdp``: DTensor parameters (FSDP2's ``fully_shard``), found automatically; one all-to-all
+  gathers each parameter's shards whole on its owner, another sends the new shards back.
+
+``checkpoint`` consolidates the per-rank state and checks what is loaded. See
+docs/distributed.md.
 """
 
 from soaplab.optim.distributed.checkpoint import full_state_dict

@@ -11,6 +11,7 @@ rank's share), so no rank can disagree with another about message sizes.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,8 +24,11 @@ from soaplab.optim.kronecker import plan_factors
 if TYPE_CHECKING:
     from soaplab.optim.base import KroneckerOptimizer
 
+# (parameter: the key of its state, tensor the maths updates in place, its gradient)
+Target = tuple[Tensor, Tensor, Tensor]
+
 # ``all_gather_into_tensor`` is deprecated from torch 2.13 on, in favour of this name.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class OwnerSplit:
@@ -67,7 +71,11 @@ class OwnerSplit:
                                    "another rank; add every param group before the first step")
             self._check_ranks_agree(costs, params)
             self._owners, self._layout = owners, layout
+            self._new_layout(params)
         return self._owners
+
+    def _new_layout(self, params: list[Tensor]) -> None:
+        """Hook for what else must follow the parameter list (collective: every rank calls it)."""
 
     def owns(self, p: Tensor) -> bool:
         """From the assignment of the last :meth:`owners` call (made by every rank each step)."""
@@ -87,7 +95,7 @@ class OwnerSplit:
         digest = sum((i + 1) * c for i, c in enumerate(costs)) % (2**61 - 1)
         mine = torch.tensor([len(costs), digest], dtype=torch.int64, device=self._device(params))
         everyone = torch.empty(self.world_size * 2, dtype=torch.int64, device=mine.device)
-        _all_gather_single(everyone, mine, group=self.process_group)
+        all_gather_single(everyone, mine, group=self.process_group)
         if not bool((everyone.view(-1, 2) == mine).all()):
             raise ValueError("ranks disagree on the optimizer's parameters (count or shapes); "
                              "every rank must build the same model and param groups")
@@ -102,29 +110,43 @@ class OwnerSplit:
 
         Every rank passes here at the start of each step, so this is also where the ownership
         is (re)computed: that may run a collective, which must never happen on one rank alone.
+        The same all-reduce checks that every rank has gradients for the same parameters.
         """
         self.owners()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self._device(params))
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
-        return bool(flag.item())
+        flags = torch.tensor([int(ok), *(int(p.grad is not None) for p in params)],
+                             dtype=torch.int32, device=self._device(params))
+        dist.all_reduce(flags, group=self.process_group)
+        if any(f not in (0, self.world_size) for f in flags[1:].tolist()):
+            raise RuntimeError("ranks disagree on which parameters have a gradient; every rank "
+                               "must run the same backward")
+        return int(flags[0]) == self.world_size
 
-    def gather(self, group: dict[str, Any]) -> None:
+    def any_error(self, error: str | None) -> str | None:
+        """This rank's error message, else the first other rank's, else None: on every rank
+        (a collective), so that all ranks raise together instead of some waiting forever."""
+        errors: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(errors, error, group=self.process_group)
+        if error is not None:
+            return error
+        return next((f"on rank {r}: {e}" for r, e in enumerate(errors) if e is not None), None)
+
+    def targets(self, group: dict[str, Any]) -> list[Target]:
+        """What this rank steps: its own parameters that have a gradient, as they are."""
+        return [(p, p, p.grad) for p in group["params"] if p.grad is not None and self.owns(p)]
+
+    def finish(self, group: dict[str, Any], targets: list[Target]) -> None:
         """Copy each owner's parameter values of ``group`` to every rank."""
         owners = self.owners()
-        kinds: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in group["params"]:
-            if p.numel() > 0:
-                kinds[(p.dtype, p.device)].append(p)
-        for (dtype, device), params in kinds.items():
+        for params in kinds(p for p in group["params"] if p.numel() > 0):
             shares = [[p for p in params if owners[p] == r] for r in range(self.world_size)]
             width = max(sum(p.numel() for p in share) for share in shares)
-            send = torch.zeros(width, dtype=dtype, device=device)
+            send = params[0].new_zeros(width)
             if shares[self.rank]:
                 flat = torch.cat([p.detach().reshape(-1) for p in shares[self.rank]])
                 send[:flat.numel()] = flat
-            received = torch.empty(self.world_size * width, dtype=dtype, device=device)
-            _all_gather_single(received, send, group=self.process_group)
+            received = params[0].new_empty(self.world_size * width)
+            all_gather_single(received, send, group=self.process_group)
             for r, share in enumerate(shares):
                 if r == self.rank:
                     continue
@@ -132,3 +154,11 @@ class OwnerSplit:
                 for p in share:
                     p.copy_(received[offset:offset + p.numel()].view_as(p))
                     offset += p.numel()
+
+
+def kinds(params: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Parameters split by (dtype, device): one message each, in parameter order."""
+    out: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        out[(p.dtype, p.device)].append(p)
+    return list(out.values())
