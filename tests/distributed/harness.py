@@ -3,6 +3,7 @@ gradients that every process (and the single-process reference) can regenerate e
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from soaplab import SOAP, Shampoo
+from soaplab.experiments.ddp import leave
 
 # Matrices (square and not), a 4-D conv weight, vectors and a shape with a 1-sized axis, in two
 # param groups: every kind of factor plan, and two all-gathers per step.
@@ -42,13 +44,16 @@ def spawn(fn: Callable[..., None], world_size: int, *args: Any) -> None:
 
 
 def _entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: tuple) -> None:
+    faulthandler.enable()  # a worker killed by a signal says where it was
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
+    clean = False
     try:
         fn(rank, world_size, *args)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        leave(clean)
 
 
 def make_model(seed: int = 0) -> torch.nn.ParameterList:

@@ -11,6 +11,7 @@ files or prints, and what rank 0 alone reads (a checkpoint) reaches the others b
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -65,13 +66,33 @@ def session(device_name: str) -> Iterator[None]:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group("nccl" if cuda else "gloo")
+    clean = False
     try:
         with open(os.devnull, "w") as null, \
                 contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(null):
             yield
+        clean = True
     finally:
         if made:
-            dist.destroy_process_group()
+            leave(clean)
+
+
+def leave(clean: bool) -> None:
+    """``destroy_process_group()``, without the crash at exit that gloo can cause.
+
+    A gloo worker thread lets go of a finished collective's tensors just after the caller
+    has gone on. If that falls into the interpreter's shutdown, the release needs the GIL and
+    the process aborts ("terminate called without an active exception", pytorch PR 179291):
+    torchrun would see a failed worker after a successful run. So, after a run that every rank
+    finished (``clean``; after an error a rank may be gone), a barrier lets those releases
+    happen first. Collecting garbage then drops the last references to the groups (DDP's
+    reducer, the optimizers), so destroying them joins their threads; FSDP2's groups stay
+    referenced by DTensor's caches until exit, and for them the barrier is what helps.
+    """
+    if clean:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _init_process_group(backend: str) -> None:
