@@ -100,3 +100,25 @@ def set_grads(model: torch.nn.ParameterList, grads: list[torch.Tensor]) -> None:
 
 def max_diff(a: torch.nn.ParameterList, b: torch.nn.ParameterList) -> float:
     return max((full(p) - full(q)).abs().max().item() for p, q in zip(a, b, strict=True))
+
+
+def check_owned_state(name: str, model: torch.nn.ParameterList, split: torch.optim.Optimizer,
+                      plain: torch.optim.Optimizer) -> list[int]:
+    """Each rank holds state for exactly the parameters it owns, every parameter has one
+    owner, and the ranks' state adds up to the unsplit optimizer's. Returns bytes per rank."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    owners = split._split.owners()
+    mine = {i for i, p in enumerate(model) if owners[p] == rank}
+    held = {i for i, p in enumerate(model) if split.state.get(p)}
+    assert held == mine, f"{name}: rank {rank} holds state of {held}, owns {mine}"
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, (sorted(mine), split.state_bytes()))
+    owned = [i for indices, _ in everyone for i in indices]
+    assert sorted(owned) == list(range(len(model))), "every parameter has one owner"
+    assert sum(b for _, b in everyone) == plain.state_bytes()
+    return [b for _, b in everyone]
+
+
+def kib(per_rank: list[int]) -> str:
+    """Bytes per rank, as the KiB list the tests print."""
+    return ", ".join(f"{b / 1024:.1f}" for b in per_rank)

@@ -44,19 +44,11 @@ def _split_matches_unsplit(rank: int, world_size: int) -> None:
             dist.broadcast(reference, src=0)
             assert torch.equal(reference, p)
 
-        owners = split._split.owners()
-        mine = {i for i, p in enumerate(split_model) if owners[p] == rank}
-        held = {i for i, p in enumerate(split_model) if split.state.get(p)}
-        assert held == mine, f"{name}: rank {rank} holds state of {held}, owns {mine}"
-        everyone: list = [None] * world_size
-        dist.all_gather_object(everyone, (sorted(mine), split.state_bytes()))
-        owned = [i for indices, _ in everyone for i in indices]
-        assert sorted(owned) == list(range(len(split_model))), "every parameter has one owner"
-        assert sum(b for _, b in everyone) == plain.state_bytes()
+        per_rank = harness.check_owned_state(name, split_model, split, plain)
         if rank == 0:
-            per_rank = ", ".join(f"{b / 1024:.1f}" for _, b in everyone)
             print(f"{name} on {world_size} ranks: max |split - unsplit| = {worst:.2g}; state "
-                  f"KiB per rank [{per_rank}] vs {plain.state_bytes() / 1024:.1f} unsplit")
+                  f"KiB per rank [{harness.kib(per_rank)}] vs "
+                  f"{plain.state_bytes() / 1024:.1f} unsplit")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -31,17 +31,10 @@ def _fsdp_matches_unsplit(rank: int, world_size: int) -> None:
                 worst = max(worst, harness.max_diff(sharded, plain))
             assert worst <= 1e-6, f"{name}, Shard({dim}): FSDP2 differs by {worst:.3g}"
 
-            owners = opt._split.owners()
-            mine = {i for i, p in enumerate(sharded) if owners[p] == rank}
-            held = {i for i, p in enumerate(sharded) if opt.state.get(p)}
-            assert held == mine, f"{name}: rank {rank} holds state of {held}, owns {mine}"
-            everyone: list = [None] * world_size
-            dist.all_gather_object(everyone, opt.state_bytes())
-            assert sum(everyone) == reference.state_bytes()
+            per_rank = harness.check_owned_state(name, sharded, opt, reference)
             if rank == 0 and dim == 0:
-                per_rank = ", ".join(f"{b / 1024:.1f}" for b in everyone)
                 print(f"{name} FSDP2 on {world_size} ranks: max |sharded - plain| = "
-                      f"{worst:.2g}; state KiB per rank [{per_rank}] vs "
+                      f"{worst:.2g}; state KiB per rank [{harness.kib(per_rank)}] vs "
                       f"{reference.state_bytes() / 1024:.1f} in one process")
 
 
