@@ -7,14 +7,16 @@ import sys
 
 import torch
 
+import soaplab
 from soaplab.analysis.commands import register as register_analysis
 from soaplab.experiments.commands import register as register_experiments
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="soaplab", description="SOAP/Shampoo experiments and analyses."
-    )
+        prog="soaplab", description="SOAP/Shampoo experiments and analyses.")
+    parser.add_argument("--version", action="version",
+                        version=f"soaplab {soaplab.__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     register_experiments(sub)
     register_analysis(sub)
@@ -22,14 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error is one line on stderr and exit code 2, Ctrl-C exit 130."""
     args = build_parser().parse_args(argv)
     # Denormal floats slow CPU matmuls and QR by large factors on this kind of machine; the
     # optimizers' statistics decay towards them (EMAs of squared gradients).
     torch.set_flush_denormal(True)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"soaplab: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"soaplab: interrupted; {args.interrupted}", file=sys.stderr)
+        return 130
+    except OSError as err:  # a file or folder the user named: missing, unwritable, ...
+        where = f": {err.filename}" if err.filename else ""
+        print(f"soaplab: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as err:
+        print(f"soaplab: error: {str(err).splitlines()[0] if str(err) else err!r}",
+              file=sys.stderr)
         return 2
 
 

@@ -1,49 +1,80 @@
 """Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
 
 Experiments and the command line name optimizers as strings; this table is the one place that
-maps a name to a constructor and its fixed settings (a variant is a name plus preset kwargs).
+says what a name means: its constructor, preset kwargs (a variant is a name plus presets), the
+family whose tuned settings it shares, and whether it has a preconditioning frequency to sweep.
+Adding an optimizer is one line in ``OPTIMIZERS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 
-def _soap(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
-    def build(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
-        from soaplab.optim.soap import SOAP
+def _soap(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.soap import SOAP
 
-        return SOAP(params, **{**preset, **kw})
-
-    return build
+    return SOAP(params, **kw)
 
 
-def _shampoo(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
-    def build(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
-        from soaplab.optim.shampoo import Shampoo
+def _shampoo(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.shampoo import Shampoo
 
-        return Shampoo(params, **{**preset, **kw})
-
-    return build
+    return Shampoo(params, **kw)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW,
-    "adafactor": torch.optim.Adafactor,
-    "shampoo": _shampoo(),
-    "shampoo_half": _shampoo(exponent=0.5),
-    "soap": _soap(),
-    "soap_eigh": _soap(refresh="eigh"),
-    "soap_one_sided": _soap(one_sided=True),
-    "soap_factorized": _soap(factorized=True),
-    "soap_one_sided_factorized": _soap(one_sided=True, factorized=True),
+@dataclass(frozen=True)
+class Entry:
+    """One registered optimizer.
+
+    ``family`` names the optimizer whose tuned lr and shared settings (experiments/tasks.py,
+    experiments/tuning.py) this one uses; ``frequency`` says it takes
+    ``precondition_frequency`` (swept by ``--freqs``); ``distributed`` says it accepts a
+    ``process_group`` (torch's optimizers do not: under DDP they run replicated).
+    """
+
+    build: Callable[..., torch.optim.Optimizer]
+    family: str
+    frequency: bool = False
+    distributed: bool = False
+    presets: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
+        return self.build(params, **{**self.presets, **kwargs})
+
+
+def _kronecker(build: Callable[..., torch.optim.Optimizer], family: str, **presets: Any) -> Entry:
+    return Entry(build, family, frequency=True, distributed=True, presets=presets)
+
+
+OPTIMIZERS: dict[str, Entry] = {
+    "adamw": Entry(torch.optim.AdamW, "adamw"),
+    "adafactor": Entry(torch.optim.Adafactor, "adafactor"),
+    "shampoo": _kronecker(_shampoo, "shampoo"),
+    "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
+    "soap": _kronecker(_soap, "soap"),
+    "soap_eigh": _kronecker(_soap, "soap", refresh="eigh"),
+    "soap_one_sided": _kronecker(_soap, "soap", one_sided=True),
+    "soap_factorized": _kronecker(_soap, "soap", factorized=True),
+    "soap_one_sided_factorized": _kronecker(_soap, "soap", one_sided=True, factorized=True),
 }
 
-# torch's optimizers: no split mode, so under DDP they run replicated.
-REPLICATED = frozenset({"adamw", "adafactor"})
+
+def canonical(name: str) -> str:
+    """The registry key of ``name`` ('-' and '_' are interchangeable, case is ignored)."""
+    key = name.strip().lower().replace("-", "_")
+    if key not in OPTIMIZERS:
+        known = ", ".join(sorted(OPTIMIZERS))
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
+    return key
+
+
+def entry(name: str) -> Entry:
+    return OPTIMIZERS[canonical(name)]
 
 
 def optimizer(name: str, params: Iterable, process_group: Any = None,
@@ -55,10 +86,7 @@ def optimizer(name: str, params: Iterable, process_group: Any = None,
     docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
     it: they run replicated, every rank doing the same update on the same all-reduced gradient.
     """
-    key = name.strip().lower().replace("-", "_")
-    if key not in OPTIMIZERS:
-        known = ", ".join(sorted(OPTIMIZERS))
-        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
-    if process_group is not None and key not in REPLICATED:
+    found = entry(name)
+    if process_group is not None and found.distributed:
         kwargs["process_group"] = process_group
-    return OPTIMIZERS[key](params, **kwargs)
+    return found(params, **kwargs)

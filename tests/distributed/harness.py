@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from soaplab import SOAP, Shampoo
-from soaplab.experiments.ddp import leave
+from soaplab.torchrun import leave
 
 # Matrices (square and not), a 4-D conv weight, vectors and a shape with a 1-sized axis, in two
 # param groups: every kind of factor plan, and two all-gathers per step.

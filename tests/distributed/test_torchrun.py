@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 import torch
 
+import soaplab.torchrun
 from soaplab.cli import main
-from soaplab.experiments import ddp, loop
+from soaplab.experiments import loop
 from soaplab.reporting.runs import read_jsonl
 from tests.distributed.harness import spawn
 
@@ -77,7 +78,7 @@ def losses(out: Path) -> dict[str, list[tuple[int, float, float]]]:
 
 def checkpoint(out: Path, optimizer: str) -> dict[str, Any]:
     [run] = (out / "runs").glob(f"{optimizer}-*")
-    return torch.load(run / "checkpoint.pt", weights_only=False)
+    return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
 def assert_bitwise(a: Any, b: Any, where: str = "") -> None:
@@ -218,7 +219,7 @@ def _gradients_per_layout(rank: int, world_size: int) -> None:
     for bucket_cap_mb in (25, 0.01):  # one bucket for all, or about one per parameter
         wrapped = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model),
                                                             bucket_cap_mb=bucket_cap_mb)
-        wrapped.register_comm_hook(None, ddp._sum_in_rank_order)
+        wrapped.register_comm_hook(None, soaplab.torchrun._sum_in_rank_order)
         for _ in range(2):  # DDP lays its buckets out again after the first backward
             wrapped.zero_grad()
             wrapped(x).square().mean().backward()

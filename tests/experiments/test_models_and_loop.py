@@ -9,9 +9,16 @@ from soaplab.experiments.loop import TrainConfig, lr_factor, train
 from soaplab.experiments.models.colorizer import Colorizer
 from soaplab.experiments.models.gpt import GPT, GPTConfig
 from soaplab.experiments.tasks import TaskOptions
+from soaplab.reporting.runs import read_jsonl
 
 LM = TaskOptions(task="lm", size="micro", max_chars=50_000, batch_size=8, eval_batches=2)
 COLOR = TaskOptions(task="colorize", size="micro", batch_size=16)
+
+
+def records(task, cfg, run_dir, resume=False):
+    """Every step's metrics of one run, as written to its metrics.jsonl."""
+    train(task, cfg, run_dir, resume=resume)
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def test_gpt_shapes_and_weight_tying():
@@ -35,20 +42,20 @@ def test_colorizer_shapes_and_range():
 def test_loss_falls_for_each_task(tmp_path, task, optimizer):
     cfg = TrainConfig(optimizer=optimizer, steps=40, warmup=5, eval_every=40, lr=1e-2,
                       progress=False)
-    records = train(task, cfg, tmp_path).records
-    first = sum(r["train_loss"] for r in records[:5]) / 5
-    last = sum(r["train_loss"] for r in records[-5:]) / 5
+    steps = records(task, cfg, tmp_path)
+    first = sum(r["train_loss"] for r in steps[:5]) / 5
+    last = sum(r["train_loss"] for r in steps[-5:]) / 5
     assert last < 0.9 * first
-    assert all(k in records[-1] for k in ("val_loss", "step_time", "optimizer_time",
+    assert all(k in steps[-1] for k in ("val_loss", "step_time", "optimizer_time",
                                           "peak_memory_mb", "train_time", "lr"))
 
 
 def test_same_seed_same_losses(tmp_path):
     cfg = TrainConfig(optimizer="soap", steps=12, warmup=3, eval_every=6, progress=False)
-    a = train(LM, cfg, tmp_path / "a").records
-    b = train(LM, cfg, tmp_path / "b").records
+    a = records(LM, cfg, tmp_path / "a")
+    b = records(LM, cfg, tmp_path / "b")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
-    c = train(LM, dataclasses.replace(cfg, seed=1), tmp_path / "c").records
+    c = records(LM, dataclasses.replace(cfg, seed=1), tmp_path / "c")
     assert [r["train_loss"] for r in a] != [r["train_loss"] for r in c]
 
 
@@ -58,9 +65,9 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):
                       checkpoint_every=8, progress=False,
                       optimizer_kwargs={"precondition_frequency": 3} if optimizer == "soap"
                       else {})
-    whole = train(LM, cfg, tmp_path / "whole").records
+    whole = records(LM, cfg, tmp_path / "whole")
     train(LM, dataclasses.replace(cfg, stop_at=10), tmp_path / "split")  # dies after step 10
-    resumed = train(LM, cfg, tmp_path / "split", resume=True).records
+    resumed = records(LM, cfg, tmp_path / "split", resume=True)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in whole]
     assert [r.get("val_loss") for r in resumed] == [r.get("val_loss") for r in whole]
 
@@ -69,7 +76,7 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
     cfg = TrainConfig(steps=4, warmup=1, eval_every=2, checkpoint_every=2, progress=False)
     train(LM, dataclasses.replace(cfg, stop_at=2), tmp_path)  # interrupted after its checkpoint
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="cannot resume from"):
+    with pytest.raises(ValueError, match="cannot resume from"):
         train(LM, cfg, tmp_path, resume=True)
 
 
@@ -85,5 +92,25 @@ def test_finished_run_is_read_back_on_resume(tmp_path):
     cfg = TrainConfig(steps=6, warmup=1, eval_every=3, progress=False)
     first = train(LM, cfg, tmp_path)
     again = train(LM, cfg, tmp_path, resume=True)
-    assert again.task is None and again.records == first.records
-    assert again.state_bytes == first.state_bytes > 0
+    assert again.task is None and again.summary == first.summary
+    assert first.summary["state_bytes"] > 0 and first.summary["steps"] == 6
+    assert [p["step"] for p in first.summary["evals"]] == [3, 6]
+
+
+def test_summary_matches_the_metrics(tmp_path):
+    cfg = TrainConfig(steps=6, warmup=1, eval_every=3, progress=False)
+    summary = train(LM, cfg, tmp_path).summary
+    steps = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(p["step"], p["val_loss"]) for p in summary["evals"]] == \
+        [(r["step"], r["val_loss"]) for r in steps if "val_loss" in r]
+    assert summary["evals"][0]["train_loss"] == pytest.approx(
+        sum(r["train_loss"] for r in steps[:3]) / 3)
+    assert summary["train_seconds"] == pytest.approx(sum(r["step_time"] for r in steps))
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    cfg = TrainConfig(steps=4, warmup=1, eval_every=2, checkpoint_every=2, progress=False)
+    train(LM, dataclasses.replace(cfg, stop_at=2), tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(train.steps: the folder has 4, "
+                                         r"this command 8\)"):
+        train(LM, dataclasses.replace(cfg, steps=8), tmp_path, resume=True)

@@ -12,6 +12,7 @@ from soaplab.analysis.study import ACTIVATIONS, StudyConfig, run
 from soaplab.registry import OPTIMIZERS
 
 DEFAULTS = StudyConfig()
+INTERRUPTED = "rerun the command with --overwrite to start it again (an analysis does not resume)"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,7 +29,8 @@ def _csv(values: tuple[int, ...]) -> str:
 
 # (flag, config field, argparse kwargs); shared by both analyses unless listed per kind below.
 COMMON = [
-    ("--out", "out", {"help": "run folder to write (config.json, metrics.jsonl, report.md, PNGs)"}),
+    ("--out", "out", {"help": "run folder to write (manifest.json, config.json, metrics.jsonl, "
+                              "report.md, PNGs); must be empty or new unless --overwrite"}),
     ("--dataset", "dataset", {"choices": data.DATASETS, "help": "image set, pooled to 8x8"}),
     ("--data-dir", "data_dir", {"help": "Fashion-MNIST folder (Debian dataset-fashion-mnist)"}),
     ("--data-limit", "data_limit", {"type": int, "help": "max Fashion-MNIST images loaded"}),
@@ -38,7 +40,9 @@ COMMON = [
     ("--batch-size", "batch_size", {"type": int, "help": "training batch size (examples)"}),
     ("--hidden", "hidden", {"type": int, "help": "MLP width: 64 -> hidden -> hidden -> 10"}),
     ("--activation", "activation", {"choices": sorted(ACTIVATIONS), "help": "MLP nonlinearity"}),
-    ("--snapshots", "snapshots", {"type": _ints, "help": "comma-separated steps to measure at"}),
+    ("--snapshots", "snapshots",
+     {"type": _ints, "help": "comma-separated steps to measure at (default: those of "
+                             f"{_csv(DEFAULTS.snapshots)} below --steps, and --steps)"}),
     ("--probe", "probe", {"type": int, "help": "training examples the matrices average over"}),
     ("--max-layer-size", "max_layer_size",
      {"type": int, "help": "study weights with at most this many entries (dense (mn)^2 matrices)"}),
@@ -64,9 +68,17 @@ HELP = {
 }
 
 
+def default_snapshots(steps: int) -> tuple[int, ...]:
+    """The default snapshot steps that a run of ``steps`` reaches, and its last step."""
+    return tuple(s for s in DEFAULTS.snapshots if s < steps) + (steps,)
+
+
 def _config(kind: str, args: argparse.Namespace) -> StudyConfig:
     names = {f.name for f in fields(StudyConfig)}
-    return StudyConfig(kind=kind, **{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if values["snapshots"] is None:
+        values["snapshots"] = default_snapshots(values["steps"])
+    return StudyConfig(kind=kind, **values)
 
 
 def command_line(cfg: StudyConfig) -> str:
@@ -82,7 +94,7 @@ def command_line(cfg: StudyConfig) -> str:
 def _handler(kind: str):
     def analyze(args: argparse.Namespace) -> int:
         cfg = _config(kind, args)
-        report = write_report(run(cfg), command_line(cfg))
+        report = write_report(run(cfg, overwrite=args.overwrite), command_line(cfg))
         print(f"wrote {report}")
         return 0
 
@@ -100,5 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             default = getattr(DEFAULTS, name)
             if name == "out":
                 default = f"runs/analysis/{kind}"
+            if name == "snapshots":
+                default = None  # follows --steps: see default_snapshots
             parser.add_argument(flag, dest=name, default=default, **kwargs)
-        parser.set_defaults(func=_handler(kind))
+        parser.add_argument("--overwrite", action="store_true",
+                            help="move a non-empty --out aside (to <out>.old-<time>) first")
+        parser.set_defaults(func=_handler(kind), interrupted=INTERRUPTED)

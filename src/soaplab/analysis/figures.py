@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from soaplab.reporting.plots import save_figure
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -30,8 +32,4 @@ def panel_plot(panels: Mapping[str, Series], path: Path, *, xlabel: str, ylabel:
     axes[0][-1].legend(frameon=False, fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -12,7 +12,7 @@ from typing import Any
 
 from soaplab.analysis.figures import panel_plot
 from soaplab.reporting.plots import line_plot
-from soaplab.reporting.runs import read_jsonl
+from soaplab.reporting.runs import atomic_write, read_jsonl
 from soaplab.reporting.tables import markdown_table
 
 KRONECKER = {"optimal": "optimal Kronecker", "shampoo2": "Shampoo² (L⊗R)",
@@ -66,10 +66,12 @@ def _batch_effect(rows: list[dict[str, Any]], run_dir: Path) -> tuple[str, list[
     return markdown_table(table), paths
 
 
-def _loss_plot(records: list[dict[str, Any]], run_dir: Path) -> Path:
+def _loss_plot(records: list[dict[str, Any]], run_dir: Path, batch_size: int) -> Path:
     train = [r for r in records if r["kind"] == "train"]
     return line_plot({"train batch loss": ([r["step"] for r in train], [r["loss"] for r in train])},
-                     run_dir / "loss.png", xlabel="training step", ylabel="cross-entropy")
+                     run_dir / "loss.png", xlabel="training step", ylabel="cross-entropy (nats)",
+                     title=f"training loss on one batch of {batch_size}, every 10 steps and "
+                           "the last")
 
 
 def _kronecker_sections(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
@@ -120,9 +122,7 @@ def write_report(run_dir: Path, command: str) -> Path:
         f"{cfg['optimizer']} lr={cfg['lr']}, batch {cfg['batch_size']}, {cfg['steps']} steps; "
         f"matrices on {cfg['probe']} training examples in float64. Final train loss "
         f"{final['train_loss']:.4g}, test accuracy {final['test_acc']:.4g}.\n",
-        f"![loss]({_loss_plot(records, run_dir).name})\n",
+        f"![loss]({_loss_plot(records, run_dir, cfg['batch_size']).name})\n",
         *body(rows, run_dir),
     ]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return atomic_write(run_dir / "report.md", "\n".join(lines))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import soaplab
 from soaplab.analysis import curvature, data
 from soaplab.analysis.kronecker import factors_from_gradients, kron_cosine, kronecker_similarities
 from soaplab.analysis.whitening import damp, whitening_similarities
+from soaplab.reporting.manifest import manifest, prepare
 from soaplab.reporting.runs import append_jsonl, write_config
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
@@ -158,15 +159,26 @@ def validate(cfg: StudyConfig) -> None:
     """Reject bad settings before any training, naming the setting and the allowed range."""
     if cfg.kind not in RECORDERS:
         raise ValueError(f"unknown analysis {cfg.kind!r}; choose one of {sorted(RECORDERS)}")
-    if cfg.steps < 0 or any(s < 0 or s > cfg.steps for s in cfg.snapshots):
+    for name in ("steps", "threads", "hidden", "batch_repeats"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if any(s < 0 or s > cfg.steps for s in cfg.snapshots):
         raise ValueError(f"snapshots={cfg.snapshots} must lie in [0, steps={cfg.steps}]")
     if cfg.probe < 2 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError(f"need probe >= 2, batch_size >= 1, lr > 0; got {cfg.probe=}, "
                          f"{cfg.batch_size=}, {cfg.lr=}")
 
 
-def run(cfg: StudyConfig) -> Path:
-    """Train, snapshot at ``cfg.snapshots``, append records to run_dir/metrics.jsonl."""
+def settings(cfg: StudyConfig) -> dict[str, Any]:
+    """What defines the study's results: its manifest's settings (not its folder or threads)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "threads")}
+
+
+def run(cfg: StudyConfig, overwrite: bool = False) -> Path:
+    """Train, snapshot at ``cfg.snapshots``, append records to run_dir/metrics.jsonl.
+
+    Nothing is written before the settings, the data and the folder pass their checks; a
+    non-empty folder is refused unless ``overwrite`` (see ``reporting.manifest.prepare``)."""
     validate(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -178,9 +190,10 @@ def run(cfg: StudyConfig) -> Path:
     if not layers:
         raise ValueError(f"no weight matrix has at most {cfg.max_layer_size=} entries")
     run_dir = Path(cfg.out)
+    prepare(run_dir, manifest("analyze", cfg.kind, settings(cfg)), resume=False,
+            overwrite=overwrite)
     write_config(run_dir, cfg)
     metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
     # separate streams: the analysis must not change which batches the optimizer sees
     generator = torch.Generator().manual_seed(cfg.seed)
     batches = minibatches(len(split.x_train), cfg.batch_size,
@@ -196,6 +209,6 @@ def run(cfg: StudyConfig) -> Path:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 10 == 0:
+        if step % 10 == 0 or step == cfg.steps - 1:
             append_jsonl(metrics, {"kind": "train", "step": step, "loss": loss.item()})
     return run_dir

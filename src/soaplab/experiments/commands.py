@@ -1,25 +1,29 @@
-"""``soaplab compare lm|colorize``: parse flags into a CompareConfig and run it."""
+"""``soaplab compare <task>``: parse flags into a CompareConfig and run it."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from soaplab.experiments import ddp
+from soaplab import torchrun
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import TrainConfig
-from soaplab.experiments.tasks import TaskOptions
+from soaplab.experiments.tasks import TASKS, TaskOptions
 from soaplab.registry import OPTIMIZERS
 
-DEFAULT_STEPS = {"lm": 400, "colorize": 400}
+INTERRUPTED = ("rerun the same command with --resume to continue: finished runs are kept, and "
+               "a run with --checkpoint-every continues from its last checkpoint")
 
 
 def _list(kind: type):
+    """A comma-separated list, each value once, in the order given."""
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            return list(dict.fromkeys(kind(item) for item in text.split(",") if item.strip()))
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
                                              f"{kind.__name__}, got {text!r}") from None
@@ -33,16 +37,15 @@ def _optimizers(text: str) -> list[str]:
         which = ", ".join(unknown) or repr(text)
         raise argparse.ArgumentTypeError(f"unknown optimizer(s) {which}; "
                                          f"known: {', '.join(sorted(OPTIMIZERS))}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     compare_parser = sub.add_parser("compare", help="train and compare optimizers on a task")
     tasks = compare_parser.add_subparsers(dest="task", required=True)
-    for task, help_text in (("lm", "character-level Shakespeare with a nanoGPT"),
-                            ("colorize", "grey photo -> colour with a small U-Net")):
-        p = tasks.add_parser(task, help=help_text)
-        p.add_argument("--steps", type=int, default=DEFAULT_STEPS[task],
+    for task, spec in TASKS.items():
+        p = tasks.add_parser(task, help=spec.help)
+        p.add_argument("--steps", type=int, default=spec.steps,
                        help="training steps per run (default %(default)s)")
         p.add_argument("--optimizers", type=_optimizers,
                        default=["adamw", "adafactor", "shampoo", "soap"],
@@ -53,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="learning rates to sweep (default: the tuned lr of each optimizer)")
         p.add_argument("--seeds", type=_list(int), default=[0], help="seeds (default 0)")
         p.add_argument("--out", type=Path, default=Path(f"runs/compare-{task}"),
-                       help="run folder (default %(default)s)")
+                       help="run folder (default %(default)s); must be empty or new unless "
+                            "--resume or --overwrite")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is faster on a "
@@ -66,30 +70,44 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint-every", type=int, default=0,
                        help="save a checkpoint every N steps (0: never)")
         p.add_argument("--resume", action="store_true",
-                       help="continue each run from its checkpoint in --out; runs already "
-                            "finished there are read back, not retrained")
+                       help="continue the comparison in --out (its manifest.json must match "
+                            "these settings): finished runs are read back, not retrained, and "
+                            "others continue from their checkpoints")
+        p.add_argument("--overwrite", action="store_true",
+                       help="move a non-empty --out aside (to <out>.old-<time>) and start afresh")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-        if task == "lm":
-            p.add_argument("--text", default=None, help="train on this text file instead")
-            p.add_argument("--max-chars", type=int, default=None,
-                           help="use only the first N characters of the corpus")
-        else:
-            p.add_argument("--images", default=None,
-                           help="folder of JPEG/PNG colour photos instead of the bundled set")
-        p.set_defaults(func=run)
+        for flag, kwargs in spec.flags:
+            p.add_argument(flag, **kwargs)
+        p.set_defaults(func=run, interrupted=INTERRUPTED)
 
 
-def run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> None:
+    """Every flag argparse cannot check alone, one line naming the flag."""
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--eval-every", args.eval_every),
                         ("--threads", 1 if args.threads is None else args.threads)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("--warmup", args.warmup), ("--checkpoint-every", args.checkpoint_every)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if any(f < 1 for f in args.freqs or []):
+        raise ValueError(f"--freqs must be >= 1, got {args.freqs}")
+    if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
+        raise ValueError(f"--lrs must be positive and finite (an lr of 0 trains nothing), "
+                         f"got {args.lrs}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite moves it aside; "
+                         "pass one of them")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with ddp.session(args.device):
+    with torchrun.session(args.device):
         report = compare(_config(args))
-        if ddp.is_main():
+        if torchrun.is_main():
             print(f"report: {report}")
             print(report.read_text())
     return 0
@@ -98,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> CompareConfig:
     """The comparison the flags ask for. Under torchrun, a restarted worker (after a rank
     failed) resumes: every run continues from its checkpoint, as with ``--resume``."""
-    task = TaskOptions(task=args.task, size=args.size, text=getattr(args, "text", None),
-                       max_chars=getattr(args, "max_chars", None),
-                       images=getattr(args, "images", None), batch_size=args.batch_size)
+    given = vars(args)  # the task's own flags (tasks.TASKS) are named after TaskOptions fields
+    task = TaskOptions(**{f.name: given[f.name] for f in fields(TaskOptions) if f.name in given})
     train = TrainConfig(steps=args.steps, warmup=min(args.warmup, args.steps),
-                        eval_every=args.eval_every, device=ddp.device(args.device),
+                        eval_every=args.eval_every, device=torchrun.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
                          lrs=args.lrs, seeds=args.seeds, out=args.out,
-                         resume=args.resume or ddp.restarted())
+                         resume=args.resume or torchrun.restarted(),
+                         overwrite=args.overwrite and not torchrun.restarted())

@@ -7,15 +7,20 @@ optimizer needs to reach the final validation loss of AdamW run for the full bud
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from soaplab.experiments import ddp, tuning
-from soaplab.experiments.loop import RunResult, TrainConfig, train
+from soaplab import torchrun
+from soaplab.experiments import tuning
+from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
-from soaplab.experiments.tasks import TaskOptions
+from soaplab.experiments.tasks import TaskOptions, spec
+from soaplab.reporting.manifest import manifest, prepare
 from soaplab.reporting.runs import write_config
+
+# TrainConfig fields that each run sets for itself (the rest are shared by the comparison).
+PER_RUN = ("optimizer", "optimizer_kwargs", "lr", "seed")
 
 
 @dataclass
@@ -29,6 +34,15 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     out: Path = Path("runs/compare")
     resume: bool = False
+    overwrite: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """What defines the comparison's results: its manifest's settings."""
+        train = run_settings(self.task, self.train)["train"]
+        return {"task": asdict(self.task),
+                "train": {k: v for k, v in train.items() if k not in PER_RUN},
+                "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
+                "seeds": self.seeds}
 
 
 @dataclass
@@ -68,28 +82,35 @@ def steps_to_target(records: Sequence[dict[str, Any]], target: float
 
 
 def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, Any]:
-    recs = result.records
-    evals = [r for r in recs if "val_loss" in r]
-    total = sum(r["step_time"] for r in recs)
-    opt_time = sum(r["optimizer_time"] for r in recs)
-    tail = recs[-max(1, len(recs) // 10):]  # the last 10% of steps smooth out batch noise
-    row = {"run": run.label, "optimizer": run.optimizer, "freq": run.freq, "lr": run.lr,
-           "seed": run.seed, "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail),
+    """The report's row for one run (its ``evals`` and ``curve`` feed the plots)."""
+    s = result.summary
+    evals, total = s["evals"], s["train_seconds"]
+    row = {"run": run.label, "curve": run.curve, "optimizer": run.optimizer, "freq": run.freq,
+           "lr": run.lr, "seed": run.seed, "final_train_loss": s["final_train_loss"],
            "final_val_loss": evals[-1]["val_loss"] if evals else None,
            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
-           "train_seconds": total, "optimizer_share": opt_time / total if total else None,
-           "state_mb": result.state_bytes / 2**20, "diverged": result.diverged}
+           "train_seconds": total,
+           "optimizer_share": s["optimizer_seconds"] / total if total else None,
+           "state_mb": s["state_bytes"] / 2**20, "diverged": s["diverged"], "evals": evals}
     if target is not None:
-        row["steps_to_target"], row["seconds_to_target"] = steps_to_target(recs, target)
+        row["steps_to_target"], row["seconds_to_target"] = steps_to_target(evals, target)
     return row
 
 
 def compare(cfg: CompareConfig) -> Path:
     """Run every planned run, then write ``report.md`` and the plots into ``cfg.out`` (rank 0
-    only, under torchrun: every rank trains, and returns the report's path)."""
-    if ddp.is_main():
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        write_config(cfg.out, cfg)
+    only, under torchrun: every rank trains, and returns the report's path).
+
+    Nothing is written before the data loads and ``cfg.out`` passes its checks (see
+    ``reporting.manifest.prepare``)."""
+    spec(cfg.task.task).load(cfg.task)
+    record = manifest("compare", cfg.task.task, cfg.settings())
+    torchrun.from_main(lambda: prepare(cfg.out, record, resume=cfg.resume,
+                                       overwrite=cfg.overwrite))
+    if torchrun.is_main():
+        write_config(cfg.out, {**cfg.settings(), "device": cfg.train.device,
+                               "checkpoint_every": cfg.train.checkpoint_every,
+                               "out": str(cfg.out)})
     runs = plan_runs(cfg)
     results: dict[str, RunResult] = {}
     for i, run in enumerate(runs, 1):
@@ -98,16 +119,16 @@ def compare(cfg: CompareConfig) -> Path:
                             optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq))
         results[run.label] = train(cfg.task, train_cfg, cfg.out / "runs" / run.label,
                                    resume=cfg.resume)
-    if not ddp.is_main():
+    if not torchrun.is_main():
         return cfg.out / "report.md"
     target = _adamw_target(runs, results)
     rows = [summarize(run, results[run.label], target) for run in runs]
-    return write_report(cfg.out, cfg.task.task, runs, results, rows, target)
+    return write_report(cfg.out, cfg.task.task, rows, results, target)
 
 
 def _adamw_target(runs: list[Run], results: dict[str, RunResult]) -> float | None:
     """AdamW's best final validation loss over its lrs and seeds (the paper's target)."""
-    finals = [r.records[-1]["val_loss"] for run in runs if run.optimizer == "adamw"
-              for r in [results[run.label]] if not r.diverged and "val_loss" in r.records[-1]]
+    finals = [s["evals"][-1]["val_loss"] for run in runs if run.optimizer == "adamw"
+              for s in [results[run.label].summary] if not s["diverged"] and s["evals"]]
     return min(finals) if finals else None
 

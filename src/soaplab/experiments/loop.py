@@ -2,14 +2,15 @@
 
 Fixed seeds make every optimizer see the same initial weights and the same batches. The loop
 does linear warm-up then cosine decay, gradient clipping, evaluation every ``eval_every``
-steps, checkpoints with ``--resume``, a progress bar and one JSON line of metrics per step.
-Under torchrun the same loop runs data-parallel on the global batch (``ddp.py``).
+steps, checkpoints for ``--resume``, a progress bar and one JSON line of metrics per step
+(the files themselves are ``run_folder``'s business). Under torchrun the same loop runs
+data-parallel on the global batch (``soaplab.torchrun``).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,10 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 import soaplab
-from soaplab.experiments import ddp
+from soaplab import torchrun
+from soaplab.experiments.run_folder import RunFolder
 from soaplab.experiments.tasks import Task, TaskOptions, build_task
 from soaplab.optim.state import state_bytes
-from soaplab.reporting.runs import append_jsonl, read_jsonl, write_config
 
 
 @dataclass
@@ -45,10 +46,8 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
-    records: list[dict[str, Any]]
-    state_bytes: int
-    diverged: bool
-    task: Task | None  # None for a finished run read back from its metrics
+    summary: dict[str, Any]  # see summarize_records
+    task: Task | None  # None for a finished run read back from its summary
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -66,37 +65,46 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
+# Settings that do not change a run's results, left out of the settings its files record.
+RUNTIME = ("device", "checkpoint_every", "stop_at", "progress")
+
+
+def run_settings(task_opts: TaskOptions, cfg: TrainConfig) -> dict[str, Any]:
+    """What defines one run (as JSON reads it back): its checkpoints and summary carry it."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME}
+    return json.loads(json.dumps({"task": asdict(task_opts), "train": train}))
+
+
 def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
           resume: bool = False) -> RunResult:
-    """Train one model with one optimizer; metrics go to ``run_dir/metrics.jsonl``.
+    """Train one model with one optimizer; metrics go to ``run_dir/metrics.jsonl`` and the
+    finished run's summary to ``run_dir/summary.json`` (see ``run_folder``).
 
-    Under torchrun (see ``ddp``) every rank calls this with the same arguments: each trains on
-    its slice of the global batch, and only rank 0 writes files.
+    Under torchrun (see ``soaplab.torchrun``) every rank calls this with the same arguments:
+    each trains on its slice of the global batch, and only rank 0 writes files.
     """
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
+    folder = RunFolder(run_dir, run_settings(task_opts, cfg))
+    saved = torchrun.from_main(folder.read) if resume else None
+    if saved is not None and saved.summary is not None:  # finished: e.g. runs made in parallel
+        return RunResult(saved.summary, None)
     torch.manual_seed(cfg.seed)
     task = build_task(task_opts, device)
-    model = ddp.wrap(task.model)
-    opt = soaplab.optimizer(cfg.optimizer, task.model.parameters(), process_group=ddp.group(),
-                            lr=cfg.lr, **cfg.optimizer_kwargs)
+    model = torchrun.wrap(task.model)
+    opt = soaplab.optimizer(cfg.optimizer, task.model.parameters(),
+                            process_group=torchrun.group(), lr=cfg.lr, **cfg.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    metrics, ckpt = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
-    main = ddp.is_main()
+    main = torchrun.is_main()
     start, train_time, records = 0, 0.0, []
-    saved = ddp.from_main(lambda: _read_run(metrics, ckpt, cfg.steps)) if resume else None
-    if saved is not None and saved.checkpoint is None:  # finished: e.g. runs made in parallel
-        return RunResult(saved.records, saved.records[-1]["state_bytes"], False, None)
     if saved is not None:
-        start, train_time = _restore(ckpt, saved.checkpoint, task, opt, sched, gen)
+        start, train_time = _restore(folder.checkpoint, saved.checkpoint, task, opt, sched, gen)
         records = saved.records
-        if main:
-            _rewrite(metrics, records)
-    elif main:
-        metrics.unlink(missing_ok=True)
-        write_config(run_dir, {"task": asdict(task_opts), "train": asdict(cfg)})
+    if main:
+        folder.start({"task": asdict(task_opts), "train": asdict(cfg)}, records,
+                     fresh=saved is None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name,
                disable=not (cfg.progress and main), leave=False)
@@ -110,58 +118,57 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
             task.model.eval()  # every rank, on its replica: they are identical
             record["val_loss"] = task.evaluate(task.model)
             task.model.train()
+            bar.set_postfix_str(f"val={record['val_loss']:.3f} at step {step + 1}",
+                                refresh=False)
         record["peak_memory_mb"] = peak_memory_mb(device)
         records.append(record)
         if main:
-            append_jsonl(metrics, record)
+            folder.append(record)
+        bar.set_description(f"{run_dir.name} loss={record['train_loss']:.3f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                        val=f"{records[-1].get('val_loss', float('nan')):.3f}")
         if not math.isfinite(record["train_loss"]):
             diverged = True
             break
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, task, opt, sched, gen, step + 1, train_time)
+            state = _checkpoint(task, opt, sched, gen, step + 1, train_time)
+            if main:
+                folder.save_checkpoint(state)
     bar.close()
     # Under torchrun: the largest rank's state (a split optimizer holds a share on each rank),
     # and rank 0's records (timings differ between ranks; losses do not).
-    size = ddp.maximum(state_bytes(opt))
-    records = ddp.from_main(lambda: records)
-    if records:  # the state size goes with the metrics, so a finished run can be read back
-        records[-1]["state_bytes"] = size
-        if main:
-            _rewrite(metrics, records)
-    return RunResult(records, size, diverged, task)
+    size = torchrun.maximum(state_bytes(opt))
+    records = torchrun.from_main(lambda: records)
+    summary = summarize_records(records, size, diverged)
+    if main and (diverged or summary["steps"] == cfg.steps):
+        folder.finish(summary)
+    return RunResult(summary, task)
 
 
-@dataclass
-class _Saved:
-    """What rank 0 read of an earlier session of a run: its records up to the checkpoint, and
-    the checkpoint (None when the run had finished)."""
-
-    records: list[dict[str, Any]]
-    checkpoint: dict[str, Any] | None
-
-
-def _read_run(metrics: Path, ckpt: Path, steps: int) -> _Saved | None:
-    """The finished run, or its checkpoint, or None to start afresh (rank 0 only)."""
-    records = read_jsonl(metrics) if metrics.exists() else []
-    if records and records[-1]["step"] >= steps and "state_bytes" in records[-1]:
-        return _Saved(records, None)
-    if not ckpt.exists():
-        return None
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        return _Saved([r for r in records if r["step"] <= state["step"]], state)
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError,
-            pickle.UnpicklingError) as err:
-        raise RuntimeError(f"cannot resume from {ckpt}: {err}") from None
-
-
-def _rewrite(metrics: Path, records: list[dict[str, Any]]) -> None:
-    metrics.unlink(missing_ok=True)
+def eval_points(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The evaluation steps (step, training seconds, validation loss), each with the mean
+    training loss of the steps since the previous evaluation (one noisy batch says little)."""
+    points, window = [], []
     for r in records:
-        append_jsonl(metrics, r)
+        window.append(r["train_loss"])
+        if "val_loss" in r:
+            points.append({"step": r["step"], "train_time": r["train_time"],
+                           "val_loss": r["val_loss"], "train_loss": sum(window) / len(window)})
+            window = []
+    return points
+
+
+def summarize_records(records: list[dict[str, Any]], state_size: int,
+                      diverged: bool) -> dict[str, Any]:
+    """A run's ``summary.json``: what its report row and curves are made of."""
+    total = sum(r["step_time"] for r in records)
+    tail = records[-max(1, len(records) // 10):]  # the last 10% of steps smooth out batch noise
+    return {"steps": records[-1]["step"] if records else 0, "diverged": diverged,
+            "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail) if records
+            else None,
+            "train_seconds": total,
+            "optimizer_seconds": sum(r["optimizer_time"] for r in records),
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=None),
+            "state_bytes": state_size, "evals": eval_points(records)}
 
 
 def _train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -170,8 +177,8 @@ def _train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer,
     """One step on this rank's slice of the global batch; the loss logged is the global one."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    loss = task.loss(model, ddp.shard(task.sample(gen)))
-    global_loss = ddp.mean(loss.detach())  # so that every rank takes the same branch below
+    loss = task.loss(model, torchrun.shard(task.sample(gen)))
+    global_loss = torchrun.mean(loss.detach())  # so that every rank takes the same branch below
     if not torch.isfinite(global_loss):
         return {"train_loss": float("nan"), "step_time": 0.0, "optimizer_time": 0.0}
     opt.zero_grad(set_to_none=True)
@@ -186,18 +193,14 @@ def _train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer,
     return {"train_loss": global_loss.item(), "step_time": t2 - t0, "optimizer_time": t2 - t1}
 
 
-def _save_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer, sched: Any,
-                     gen: torch.Generator, step: int, train_time: float) -> None:
-    """Every rank calls this (the optimizer state is consolidated by a collective); rank 0
-    writes. The state is the one a single process would hold, so it resumes on any world size."""
-    optimizer = ddp.optimizer_state(opt)
-    if not ddp.is_main():
-        return
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": task.model.state_dict(), "optimizer": optimizer,
-                "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
-                "train_time": train_time, "torch_rng": torch.get_rng_state()}, tmp)
-    tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+def _checkpoint(task: Task, opt: torch.optim.Optimizer, sched: Any, gen: torch.Generator,
+                step: int, train_time: float) -> dict[str, Any]:
+    """What resuming needs: tensors and plain data only (it loads with weights_only=True).
+    Every rank calls this (the optimizer state is consolidated by a collective); the state is
+    the one a single process would hold, so it resumes on any world size."""
+    return {"model": task.model.state_dict(), "optimizer": torchrun.optimizer_state(opt),
+            "scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step,
+            "train_time": train_time, "torch_rng": torch.get_rng_state()}
 
 
 def _restore(path: Path, state: dict[str, Any], task: Task, opt: torch.optim.Optimizer,
@@ -212,4 +215,5 @@ def _restore(path: Path, state: dict[str, Any], task: Task, opt: torch.optim.Opt
         torch.set_rng_state(state["torch_rng"])
         return state["step"], state["train_time"]
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise RuntimeError(f"cannot resume from {path}: {err}") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"cannot resume from {path}: {reason}") from None

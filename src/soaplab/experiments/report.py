@@ -5,42 +5,30 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+
+from soaplab.experiments.data.photos import lab_to_rgb
+from soaplab.experiments.loop import RunResult
+from soaplab.experiments.tasks import spec
 from soaplab.reporting import plots
-from soaplab.reporting.runs import environment
+from soaplab.reporting.runs import atomic_write, environment
 from soaplab.reporting.tables import markdown_table
-
-if TYPE_CHECKING:
-    from soaplab.experiments.compare import Run
-    from soaplab.experiments.loop import RunResult
 
 COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_loss",
            "steps_to_target", "seconds_to_target", "train_seconds", "optimizer_share",
            "state_mb", "diverged"]
 
 
-def _eval_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The evaluation records, each with ``train_loss`` replaced by the mean training loss of
-    the steps since the previous evaluation (one noisy batch says little)."""
-    points, window = [], []
-    for r in records:
-        window.append(r["train_loss"])
-        if "val_loss" in r:
-            points.append({**r, "train_loss": sum(window) / len(window)})
-            window = []
-    return points
-
-
-def _curves(runs: list[Run], results: dict[str, RunResult], x: str, y: str = "val_loss"
+def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"
             ) -> dict[str, tuple[list[float], list[float]]]:
     """Curves of ``y`` against ``x``, one line per optimizer (and frequency): its best lr by
     mean final validation loss, seeds averaged pointwise."""
     by_lr: dict[tuple[str, float], list[list[dict[str, Any]]]] = defaultdict(list)
-    for run in runs:
-        recs = _eval_points(results[run.label].records)
-        if recs:
-            by_lr[(run.curve, run.lr)].append(recs)
+    for row in rows:
+        if row["evals"]:
+            by_lr[(row["curve"], row["lr"])].append(row["evals"])
     chosen: dict[str, tuple[float, list[list[dict[str, Any]]]]] = {}
     for (curve, _), seeds in by_lr.items():
         score = sum(s[-1]["val_loss"] for s in seeds) / len(seeds)
@@ -55,43 +43,54 @@ def _curves(runs: list[Run], results: dict[str, RunResult], x: str, y: str = "va
     return curves
 
 
-def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunResult],
-                 rows: list[dict[str, Any]], target: float | None) -> Path:
-    metric = "cross-entropy (nats/char)" if task == "lm" else "MSE of Lab chrominance"
+def _target_text(rows: list[dict[str, Any]], target: float | None) -> str:
+    if target is not None:
+        return f" = **{target:.4f}**"
+    if any(r["optimizer"] == "adamw" for r in rows):
+        return " (none: AdamW diverged at every lr)"
+    return " (none: no AdamW run)"
+
+
+def write_report(out: Path, task: str, rows: list[dict[str, Any]],
+                 results: dict[str, RunResult], target: float | None) -> Path:
+    """``rows`` come from ``compare.summarize``; ``results`` give the trained models (None
+    for runs read back from their summaries) for the colorization strip."""
+    metric = spec(task).metric
     figures = [
-        plots.line_plot(_curves(runs, results, "step"), out / "val_loss_vs_steps.png",
+        plots.line_plot(_curves(rows, "step"), out / "val_loss_vs_steps.png",
                         xlabel="step", ylabel=f"validation {metric}", logy=True,
                         title=f"{task}: validation loss against steps"),
-        plots.line_plot(_curves(runs, results, "train_time"), out / "val_loss_vs_time.png",
+        plots.line_plot(_curves(rows, "train_time"), out / "val_loss_vs_time.png",
                         xlabel="training seconds (evaluation excluded)",
                         ylabel=f"validation {metric}", logy=True,
                         title=f"{task}: validation loss against wall-clock"),
-        plots.line_plot(_curves(runs, results, "step", "train_loss"),
+        plots.line_plot(_curves(rows, "step", "train_loss"),
                         out / "train_loss_vs_steps.png", xlabel="step",
-                        ylabel=f"training {metric}, mean between evaluations", logy=True,
+                        ylabel=f"training {metric}\n(mean between evaluations)", logy=True,
                         title=f"{task}: training loss against steps"),
     ]
-    examples = _colorization_strip(out, runs, results, rows)
+    examples = _colorization_strip(out, results, rows)
+    if examples is None and (out / "colorization.png").is_file():
+        examples = out / "colorization.png"  # every run read back: the strip drawn with them
     if examples is not None:
         figures.append(examples)
     env = environment()
+    threads = f"{env['threads']} thread" + ("s" if env["threads"] != 1 else "")
     lines = [f"# soaplab compare {task}", "",
-             f"Machine: {env['machine']}, {env['threads']} threads, torch {env['torch']}"
+             f"Machine: {env['machine']}, {threads}, torch {env['torch']}"
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
                 if env["world_size"] > 1 else "") + ".", "",
              f"Validation metric: {metric}. Target = AdamW's best final validation loss"
-             + (f" = **{target:.4f}**" if target is not None else " (no AdamW run)")
+             + _target_text(rows, target)
              + "; steps/seconds to target are the first evaluation at or below it "
              "(training time only, evaluations excluded).", "",
              markdown_table(rows, COLUMNS), ""]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 
-def _colorization_strip(out: Path, runs: list[Run], results: dict[str, RunResult],
+def _colorization_strip(out: Path, results: dict[str, RunResult],
                         rows: list[dict[str, Any]]) -> Path | None:
     """Grey input, each optimizer's best run's prediction, and the truth, for held-out photos."""
     ok = [r for r in rows if r["final_val_loss"] is not None and not r["diverged"]
@@ -108,4 +107,7 @@ def _colorization_strip(out: Path, runs: list[Run], results: dict[str, RunResult
         task = results[row["run"]].task
         grey, pred, truth = task.examples(task.model)
         predictions[name] = pred
-    return plots.colorization_strip(grey, predictions, truth, out / "colorization.png")
+    columns = {"input (grey)": torch.zeros_like(truth), **predictions, "truth": truth}
+    images = {title: [lab_to_rgb(torch.cat([g, ab])) for g, ab in zip(grey, chroma, strict=True)]
+              for title, chroma in columns.items()}
+    return plots.image_grid(images, out / "colorization.png")

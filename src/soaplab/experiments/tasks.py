@@ -1,14 +1,16 @@
-"""A Task bundles data, model, loss and evaluation: the only place that knows both tasks.
+"""The tasks: the one place that describes each (``TASKS``) and builds its data and model.
 
 ``lm``: next-character prediction on Shakespeare with a nanoGPT (validation loss in nats).
 ``colorize``: predict Lab chrominance from luminance with a U-Net (validation MSE on whole
-held-out photos).
+held-out photos). Adding a task is a builder below and one ``TaskSpec`` in ``TASKS``; the
+command line, the report and the tuned lrs read it from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +46,8 @@ class Task:
     examples: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
-def build_task(opts: TaskOptions, device: torch.device) -> Task:
-    if opts.task == "lm":
-        return _language_model(opts, device)
-    if opts.task == "colorize":
-        return _colorization(opts, device)
-    raise ValueError(f"unknown task {opts.task!r}; choose lm or colorize")
-
-
 def _language_model(opts: TaskOptions, device: torch.device) -> Task:
-    corpus = _corpus(opts.text, opts.max_chars)
+    corpus = _load_corpus(opts)
     cfg = GPTConfig.preset(opts.size, corpus.vocab_size)
     model = GPT(cfg).to(device)
     val_gen = torch.Generator().manual_seed(1234)
@@ -78,21 +72,27 @@ def _language_model(opts: TaskOptions, device: torch.device) -> Task:
 _CORPORA: dict[tuple, shakespeare.CharCorpus] = {}
 
 
-def _corpus(text: str | None, max_chars: int | None) -> shakespeare.CharCorpus:
+def _load_corpus(opts: TaskOptions) -> shakespeare.CharCorpus:
     """Loaded once per process: every optimizer of a comparison reads the same corpus."""
-    key = (text, max_chars)
+    key = (opts.text, opts.max_chars)
     if key not in _CORPORA:
-        _CORPORA[key] = shakespeare.CharCorpus.from_text(shakespeare.load_text(text, max_chars))
+        text = shakespeare.load_text(opts.text, opts.max_chars)
+        _CORPORA[key] = shakespeare.CharCorpus.from_text(text)
     return _CORPORA[key]
 
 
 _PHOTOS: dict[str | None, photos.PhotoSet] = {}
 
 
-def _colorization(opts: TaskOptions, device: torch.device) -> Task:
+def _load_photos(opts: TaskOptions) -> photos.PhotoSet:
+    """Loaded once per process, like the corpus."""
     if opts.images not in _PHOTOS:
         _PHOTOS[opts.images] = photos.PhotoSet.load(opts.images)
-    data = _PHOTOS[opts.images]
+    return _PHOTOS[opts.images]
+
+
+def _colorization(opts: TaskOptions, device: torch.device) -> Task:
+    data = _load_photos(opts)
     width = {"micro": 8, "tiny": 16, "small": 32, "paper": 48}.get(opts.size)
     if width is None:
         raise ValueError(f"unknown model size {opts.size!r}; choose micro, tiny, small or paper")
@@ -117,3 +117,46 @@ def _colorization(opts: TaskOptions, device: torch.device) -> Task:
         return val[:, :1], m(val[:, :1]), val[:, 1:]
 
     return Task("colorize", model, sample, loss, evaluate, examples)
+
+
+Flag = tuple[str, dict[str, Any]]  # an argparse flag and its add_argument kwargs
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything outside the builder that differs between tasks."""
+
+    help: str
+    metric: str  # the validation loss, named with its unit, for reports and plots
+    build: Callable[[TaskOptions, torch.device], Task]
+    load: Callable[[TaskOptions], object]  # reads the data (cached): fails before any write
+    tuned_lrs: Mapping[str, float]  # by optimizer family (registry), see experiments/tuning.py
+    flags: tuple[Flag, ...] = ()
+    steps: int = 400
+
+
+TASKS: dict[str, TaskSpec] = {
+    "lm": TaskSpec(
+        "character-level Shakespeare with a nanoGPT", "cross-entropy (nats/char)",
+        _language_model, _load_corpus,
+        {"adamw": 3e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2},
+        (("--text", {"default": None, "help": "train on this text file instead"}),
+         ("--max-chars", {"type": int, "default": None,
+                          "help": "use only the first N characters of the corpus"}))),
+    "colorize": TaskSpec(
+        "grey photo -> colour with a small U-Net", "MSE of Lab chrominance",
+        _colorization, _load_photos,
+        {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2},
+        (("--images", {"default": None, "help": "folder of JPEG/PNG colour photos instead of "
+                                                "the bundled set"}),)),
+}
+
+
+def spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def build_task(opts: TaskOptions, device: torch.device) -> Task:
+    return spec(opts.task).build(opts, device)

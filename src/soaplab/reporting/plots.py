@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
-import torch
-from torch import Tensor
+import numpy as np
+
+from soaplab.reporting.runs import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Save ``fig`` as a PNG at ``path`` atomically (see ``atomic_write``) and close it."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
 
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, *,
@@ -36,35 +48,18 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def colorization_strip(grey: Tensor, predictions: Mapping[str, Tensor], truth: Tensor,
-                       path: Path) -> Path:
-    """Rows = held-out photos; columns = grey input, each optimizer's colours, the truth.
-
-    Inputs are scaled Lab halves as produced by ``soaplab.experiments.data.photos``:
-    ``grey`` (N, 1, H, W) luminance, predictions and truth (N, 2, H, W) chrominance.
-    """
-    from soaplab.experiments.data.photos import lab_to_rgb
-
-    columns = {"input (grey)": None, **predictions, "truth": truth}
-    n = grey.shape[0]
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.8 * len(columns), 1.8 * n), dpi=120,
-                             squeeze=False)
-    for row in range(n):
-        for col, (title, chroma) in enumerate(columns.items()):
-            ab = torch.zeros_like(truth[row]) if chroma is None else chroma[row]
-            axes[row][col].imshow(lab_to_rgb(torch.cat([grey[row], ab])))
+def image_grid(columns: Mapping[str, Sequence[np.ndarray]], path: Path) -> Path:
+    """Images in a grid, one titled column per entry of ``columns`` (title -> RGB images, each
+    (H, W, 3) in [0, 1]; every column has as many as there are rows)."""
+    rows = len(next(iter(columns.values())))
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.8 * len(columns), 1.8 * rows),
+                             dpi=120, squeeze=False)
+    for col, (title, images) in enumerate(columns.items()):
+        for row, image in enumerate(images):
+            axes[row][col].imshow(image)
             axes[row][col].set_axis_off()
-            if row == 0:
-                axes[row][col].set_title(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        axes[0][col].set_title(title, fontsize=8)
+    return save_figure(fig, path)

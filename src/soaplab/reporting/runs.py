@@ -1,9 +1,13 @@
-"""A run folder: ``config.json``, ``metrics.jsonl`` (one JSON object a line) and ``report.md``."""
+"""A run folder's files: atomic writes, ``config.json``, and ``metrics.jsonl`` (a JSON object a
+line, appended as a run goes, so a kill can tear its last line and nothing else)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import sys
+import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +30,33 @@ def environment() -> dict[str, Any]:
     }
 
 
+def atomic_write(path: Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` so that a kill leaves the old file or the new one, never a
+    half-written one: a temporary file in the same folder, flushed to disk, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide results from other users
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
 def write_config(run_dir: Path, config: Any) -> Path:
     """Write ``config`` (a dataclass or dict) and the environment to ``run_dir/config.json``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(config) if is_dataclass(config) else dict(config)
-    path = run_dir / "config.json"
-    path.write_text(json.dumps({"config": data, "environment": environment()}, indent=2,
-                               default=str))
-    return path
+    return write_json(run_dir / "config.json", {"config": data, "environment": environment()})
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -42,6 +65,24 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=float) + "\n")
 
 
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write(path, "".join(json.dumps(r, default=float) + "\n" for r in records))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of ``path``. A torn last line (what a kill mid-write leaves) is dropped with
+    a warning; a bad line anywhere else is an error naming the file and line."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg}); "
+                                 "repair or delete that file") from None
+            print(f"soaplab: warning: {path}: dropped its torn last line {number} (a run "
+                  "killed mid-write leaves one)", file=sys.stderr)
+    return records

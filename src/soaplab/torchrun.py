@@ -1,4 +1,4 @@
-"""The experiments under ``torchrun``: which rank this is, and the few collectives the loop needs.
+"""Commands under ``torchrun``: which rank this is, and the few collectives the loop needs.
 
 torchrun starts one process per rank with RANK, WORLD_SIZE and LOCAL_RANK in its environment;
 :func:`session` joins them into the default process group for one command and leaves it again.
