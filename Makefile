@@ -17,8 +17,11 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# A fresh comparison each time: --overwrite moves an earlier runs/compare-lm aside (to
+# runs/compare-lm.old-<UTC time>) instead of refusing it. Continue a killed run with
+# `.venv/bin/soaplab compare lm --resume`.
 main: $(STAMP)
-	.venv/bin/soaplab compare lm
+	.venv/bin/soaplab compare lm --overwrite
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

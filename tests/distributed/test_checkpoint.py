@@ -65,7 +65,7 @@ def _resume(name: str, params: list[torch.Tensor], load: Loader, sharded: bool =
 
 def _from_file(path: Path, key: str | None = None) -> Loader:
     def load(model: Model, opt: torch.optim.Optimizer) -> None:
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         opt.load_state_dict(saved if key is None else saved[key])
     return load
 
@@ -142,14 +142,14 @@ def _split_worker(rank: int, world_size: int, tmp: Path, mode: str) -> None:
             _assert_equal(model, resumed)
             _assert_same_state(opt, resumed_opt, model, resumed)
         # 1 -> 2: the single process's checkpoints, as a file and through DCP.
-        plain = torch.load(tmp / f"{name}-plain-full.pt", weights_only=False)
-        plain20 = torch.load(tmp / f"{name}-plain-final.pt")
+        plain = torch.load(tmp / f"{name}-plain-full.pt", weights_only=True)
+        plain20 = torch.load(tmp / f"{name}-plain-final.pt", weights_only=True)
         for load in (_from_file(tmp / f"{name}-plain-full.pt", "optimizer"),
                      *_dcp_loaders(name, tmp / f"{name}-plain-dcp", split=True)):
             resumed, _ = _resume(name, plain["params"], load, **kw)
             _assert_close(resumed, plain20)
         # Another rank's shard is refused, saying what mismatched.
-        other = torch.load(tmp / f"{name}-{mode}-shard{1 - rank}.pt", weights_only=False)
+        other = torch.load(tmp / f"{name}-{mode}-shard{1 - rank}.pt", weights_only=True)
         with pytest.raises(ValueError, match=f"shard of rank {1 - rank} of 2 .*rank {rank} of 2"):
             _, fresh = _resume(name, params10, lambda model, opt: None, **kw)
             fresh.load_state_dict(other)
@@ -178,13 +178,13 @@ def test_resume_bit_exact_and_across_world_sizes(mode: str, tmp_path: Path) -> N
         _run_and_save(name, tmp_path, "plain", 0)
     harness.spawn(_split_worker, 2, tmp_path, mode)
     for name in OPTIMIZERS:  # 2 -> 1: the consolidated dict and DCP, in a plain optimizer
-        saved = torch.load(tmp_path / f"{name}-{mode}-full.pt", weights_only=False)
-        split20 = torch.load(tmp_path / f"{name}-{mode}-final.pt")
+        saved = torch.load(tmp_path / f"{name}-{mode}-full.pt", weights_only=True)
+        split20 = torch.load(tmp_path / f"{name}-{mode}-final.pt", weights_only=True)
         for load in (_from_file(tmp_path / f"{name}-{mode}-full.pt", "optimizer"),
                      *_dcp_loaders(name, tmp_path / f"{name}-{mode}-dcp")):
             resumed, _ = _resume(name, saved["params"], load)
             _assert_close(resumed, split20)
-        shard = torch.load(tmp_path / f"{name}-{mode}-shard0.pt", weights_only=False)
+        shard = torch.load(tmp_path / f"{name}-{mode}-shard0.pt", weights_only=True)
         with pytest.raises(ValueError, match="shard of rank 0 of 2 .*without a split"):
             OPTIMIZERS[name](param_groups(make_model())).load_state_dict(shard)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,13 +199,16 @@ def test_checkpoints_move_between_world_sizes(one: Path, tmp_path: Path,
 
 
 def test_corrupt_checkpoint_fails_on_every_rank(two: Path, tmp_path: Path):
-    # Half a real checkpoint, as a copy cut short leaves it (tests/experiments check garbage).
-    [run] = (two / "runs").glob("soap-*")
-    data = (run / "checkpoint.pt").read_bytes()
-    path = tmp_path / "runs" / run.name / "checkpoint.pt"
-    path.parent.mkdir(parents=True)
+    # Half a real checkpoint, as a copy cut short leaves it (tests/experiments check garbage),
+    # in a copy of a finished folder whose SOAP run is marked unfinished again.
+    out = tmp_path / "out"
+    shutil.copytree(two, out)
+    [run] = (out / "runs").glob("soap-*")
+    (run / "summary.json").unlink()
+    path = run / "checkpoint.pt"
+    data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    result = torchrun(tmp_path, "--optimizers", "soap", "--resume")
+    result = torchrun(out, "--optimizers", "adamw,soap", "--resume")
     assert result.returncode != 0
     assert f"soaplab: error: cannot resume from {path}" in result.stderr
     assert re.search(r"exitcode\s*:\s*2\b", result.stderr)  # the command's own exit code

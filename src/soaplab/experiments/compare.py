@@ -17,7 +17,7 @@ from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
 from soaplab.experiments.tasks import TaskOptions, spec
 from soaplab.reporting.manifest import manifest, prepare
-from soaplab.reporting.runs import write_config
+from soaplab.reporting.runs import read_config, write_config
 
 # TrainConfig fields that each run sets for itself (the rest are shared by the comparison).
 PER_RUN = ("optimizer", "optimizer_kwargs", "lr", "seed")
@@ -107,7 +107,7 @@ def compare(cfg: CompareConfig) -> Path:
     record = manifest("compare", cfg.task.task, cfg.settings())
     torchrun.from_main(lambda: prepare(cfg.out, record, resume=cfg.resume,
                                        overwrite=cfg.overwrite))
-    if torchrun.is_main():
+    if torchrun.is_main() and not (cfg.out / "config.json").exists():  # kept on --resume
         write_config(cfg.out, {**cfg.settings(), "device": cfg.train.device,
                                "checkpoint_every": cfg.train.checkpoint_every,
                                "out": str(cfg.out)})
@@ -123,7 +123,8 @@ def compare(cfg: CompareConfig) -> Path:
         return cfg.out / "report.md"
     target = _adamw_target(runs, results)
     rows = [summarize(run, results[run.label], target) for run in runs]
-    return write_report(cfg.out, cfg.task.task, rows, results, target)
+    environment = read_config(cfg.out)["environment"]  # where the comparison began
+    return write_report(cfg.out, cfg.task.task, rows, results, target, environment)
 
 
 def _adamw_target(runs: list[Run], results: dict[str, RunResult]) -> float | None:

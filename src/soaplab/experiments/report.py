@@ -13,7 +13,7 @@ from soaplab.experiments.data.photos import lab_to_rgb
 from soaplab.experiments.loop import RunResult
 from soaplab.experiments.tasks import spec
 from soaplab.reporting import plots
-from soaplab.reporting.runs import atomic_write, environment
+from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
 
 COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_loss",
@@ -52,9 +52,11 @@ def _target_text(rows: list[dict[str, Any]], target: float | None) -> str:
 
 
 def write_report(out: Path, task: str, rows: list[dict[str, Any]],
-                 results: dict[str, RunResult], target: float | None) -> Path:
+                 results: dict[str, RunResult], target: float | None,
+                 env: dict[str, Any]) -> Path:
     """``rows`` come from ``compare.summarize``; ``results`` give the trained models (None
-    for runs read back from their summaries) for the colorization strip."""
+    for runs read back from their summaries) for the colorization strip; ``env`` is the
+    machine the comparison ran on (``reporting.runs.environment``)."""
     metric = spec(task).metric
     figures = [
         plots.line_plot(_curves(rows, "step"), out / "val_loss_vs_steps.png",
@@ -74,13 +76,12 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
         examples = out / "colorization.png"  # every run read back: the strip drawn with them
     if examples is not None:
         figures.append(examples)
-    env = environment()
     threads = f"{env['threads']} thread" + ("s" if env["threads"] != 1 else "")
     lines = [f"# soaplab compare {task}", "",
              f"Machine: {env['machine']}, {threads}, torch {env['torch']}"
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
-                if env["world_size"] > 1 else "") + ".", "",
+                if env.get("world_size", 1) > 1 else "") + ".", "",
              f"Validation metric: {metric}. Target = AdamW's best final validation loss"
              + _target_text(rows, target)
              + "; steps/seconds to target are the first evaluation at or below it "

@@ -59,6 +59,11 @@ def write_config(run_dir: Path, config: Any) -> Path:
     return write_json(run_dir / "config.json", {"config": data, "environment": environment()})
 
 
+def read_config(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/config.json``: {"config": ..., "environment": ...}."""
+    return json.loads((Path(run_dir) / "config.json").read_text())
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
