@@ -6,7 +6,8 @@ import pytest
 
 from soaplab.cli import main
 from soaplab.experiments.compare import steps_to_target
-from soaplab.experiments.tuning import default_lr
+from soaplab.experiments.report import _target_text
+from soaplab.experiments.tuning import default_lr, optimizer_kwargs, uses_frequency
 
 
 def test_steps_to_target_on_synthetic_curves():
@@ -46,3 +47,21 @@ def test_compare_rejects_bad_input(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["compare", "lm", "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    for lrs in ("inf", "0", "-1e-3", "nan"):
+        assert main(["compare", "lm", "--lrs", f"1e-3,{lrs}"]) == 2
+        assert "--lrs must be positive and finite" in capsys.readouterr().err
+    assert main(["compare", "lm", "--freqs", "0"]) == 2
+    assert "--freqs must be >= 1" in capsys.readouterr().err
+
+
+def test_target_line_tells_a_diverged_adamw_from_a_missing_one():
+    assert _target_text([{"optimizer": "soap"}], None) == " (none: no AdamW run)"
+    assert _target_text([{"optimizer": "adamw"}], None) == " (none: AdamW diverged at every lr)"
+    assert _target_text([{"optimizer": "adamw"}], 2.5) == " = **2.5000**"
+
+
+def test_variants_use_their_familys_tuned_lr_and_settings():
+    assert default_lr("colorize", "soap_one_sided_factorized") == default_lr("colorize", "soap")
+    assert optimizer_kwargs("shampoo-half", 5) == {"betas": (0.95, 0.95), "weight_decay": 0.0,
+                                                   "precondition_frequency": 5}
+    assert uses_frequency("soap_eigh") and not uses_frequency("adafactor")

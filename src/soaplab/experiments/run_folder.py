@@ -26,8 +26,8 @@ from soaplab.reporting.runs import (
     append_jsonl,
     atomic_write,
     read_jsonl,
+    write_compact_json,
     write_config,
-    write_json,
     write_jsonl,
 )
 
@@ -88,7 +88,7 @@ class RunFolder:
         atomic_write(self.checkpoint, buffer.getvalue())
 
     def finish(self, summary: dict[str, Any]) -> None:
-        write_json(self.summary, {**summary, "settings": self.settings})
+        write_compact_json(self.summary, {**summary, "settings": self.settings})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -53,6 +53,18 @@ def write_json(path: Path, data: Any) -> Path:
     return atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_compact_json(path: Path, data: dict[str, Any]) -> Path:
+    """``data`` as JSON with one line per key, and per item of a list value: short, and a
+    reader still sees one evaluation point, say, per line."""
+    def line(value: Any) -> str:
+        return json.dumps(value, default=str)
+
+    parts = [f"  {line(key)}: [\n" + ",\n".join(f"    {line(v)}" for v in value) + "\n  ]"
+             if isinstance(value, list) and value else f"  {line(key)}: {line(value)}"
+             for key, value in data.items()]
+    return atomic_write(path, "{\n" + ",\n".join(parts) + "\n}\n")
+
+
 def write_config(run_dir: Path, config: Any) -> Path:
     """Write ``config`` (a dataclass or dict) and the environment to ``run_dir/config.json``."""
     data = asdict(config) if is_dataclass(config) else dict(config)
