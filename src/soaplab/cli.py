@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soaplab: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except (ValueError, RuntimeError) as err:
-        print(f"soaplab: error: {str(err).splitlines()[0] if str(err) else err!r}",
-              file=sys.stderr)
+        lines = str(err).splitlines() or [type(err).__name__]
+        print(f"soaplab: error: {lines[0]}", file=sys.stderr)
         return 2
 
 

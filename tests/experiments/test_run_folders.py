@@ -47,8 +47,8 @@ def files(folder: Path) -> dict[str, tuple[bytes, int]]:
 def refused(result: subprocess.CompletedProcess, message: str) -> None:
     """Exit code 2 and one line on stderr holding ``message``."""
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("soaplab: error: "), \
-        result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("soaplab: error: ") \
+        and not result.stderr.startswith("soaplab: error: '"), result.stderr
     assert message in result.stderr, result.stderr
 
 

@@ -215,5 +215,5 @@ def _restore(path: Path, state: dict[str, Any], task: Task, opt: torch.optim.Opt
         torch.set_rng_state(state["torch_rng"])
         return state["step"], state["train_time"]
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"cannot resume from {path}: {reason}") from None

@@ -101,8 +101,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                          "and plain data, which are refused (they could run code); delete it "
                          "to train that run afresh") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"cannot resume from {path}: {reason}") from None
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot resume from {path}: {reason} (delete it to train that run "
+                         "afresh)") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"cannot resume from {path}: not a soaplab checkpoint")
     return state
