@@ -124,7 +124,7 @@ Flag = tuple[str, dict[str, Any]]  # an argparse flag and its add_argument kwarg
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Everything outside the builder that differs between tasks."""
+    """One task as the command line, the report and the tuned lrs see it."""
 
     help: str
     metric: str  # the validation loss, named with its unit, for reports and plots
