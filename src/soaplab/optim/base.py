@@ -26,8 +26,8 @@ from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape, upd
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import state_bytes, state_dtype
 
-# What a copy (deepcopy, pickle) keeps beyond torch's defaults/state/param_groups, with the
-# value an object pickled by an older soaplab gets.
+# What a copy (deepcopy, pickle) keeps beyond torch's defaults/state/param_groups (every public
+# attribute), with the value an object pickled by an older soaplab gets.
 _COPIED = {"nonfinite": "raise", "matrix_dtype": None, "skipped_steps": 0, "matrix_failures": 0}
 
 
@@ -132,7 +132,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             raise TypeError(f"a split {type(self).__name__} (process_group or FSDP2) cannot be "
                             "copied or pickled, its process group cannot; save "
                             "soaplab.optim.distributed.full_state_dict(optimizer) instead")
-        return {**super().__getstate__(), **{k: getattr(self, k) for k in _COPIED}}
+        return {**super().__getstate__(),
+                **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

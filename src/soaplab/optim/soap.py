@@ -195,7 +195,7 @@ def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
         step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
     ratio = exp_avg / second_moment.estimate(v).sqrt().add_(group["eps"])
     if "exp_avg_sq" not in v:  # factored: Adafactor's update clipping
-        correction = step_size / lr if group["correct_bias"] and lr > 0 else 1.0
+        correction = math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else 1.0
         ratio = second_moment.clip_rms(ratio, correction)
     update = project_back(ratio, bases)
     if group["normalize_grads"]:

@@ -54,10 +54,10 @@ def loaded_groups(optimizer: Shell, saved: list[dict[str, Any]]) -> list[dict[st
         raise ValueError(f"the state dict has {len(saved)} param groups, the optimizer "
                          f"{len(groups)}")
     out = []
-    for group, new in zip(groups, copy.deepcopy(saved), strict=True):
+    for k, (group, new) in enumerate(zip(groups, copy.deepcopy(saved), strict=True)):
         if len(new["params"]) != len(group["params"]):
-            raise ValueError(f"a param group of the state dict has {len(new['params'])} "
-                             f"parameters, the optimizer's {len(group['params'])}")
+            raise ValueError(f"the state dict has {len(new['params'])} parameters in param "
+                             f"group {k}, the optimizer {len(group['params'])}")
         new["params"] = group["params"]
         if "param_names" in group and "param_names" not in new:
             new["param_names"] = group["param_names"]
@@ -93,8 +93,10 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
     param = group["params"][index]
     name = optimizer.describe(group, index)
     step = entry.get("step") if isinstance(entry, dict) else None
-    if torch.is_tensor(step) and step.numel() == 1 and float(step.item()).is_integer():
-        step = int(step.item())  # torch's optimizers keep 'step' as a tensor
+    if torch.is_tensor(step) and step.numel() == 1:
+        step = step.item()  # torch's optimizers keep 'step' as a tensor
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"state of {name} has no valid 'step': the checkpoint is corrupt")
     plan = plan_factors(tuple(param.shape), **optimizer.plan_kwargs(group))
