@@ -100,12 +100,12 @@ def test_copy_of_a_split_optimizer_refuses_clearly():
 
 # -- 2. portable checkpoints --------------------------------------------------------------------
 @each
-@pytest.mark.parametrize(("target", "matrix_dtype"), [(torch.float64, None),
-                                                      (torch.float32, torch.float64),
-                                                      (torch.bfloat16, None)])
-def test_checkpoint_loads_onto_other_dtypes_in_the_receivers_policy(make, target,
+@pytest.mark.parametrize(("source", "target", "matrix_dtype"), [
+    (torch.float32, torch.float64, None), (torch.float64, torch.float32, None),
+    (torch.float32, torch.float32, torch.float64), (torch.float32, torch.bfloat16, None)])
+def test_checkpoint_loads_onto_other_dtypes_in_the_receivers_policy(make, source, target,
                                                                     matrix_dtype):
-    ps = params()
+    ps = params(source)
     opt = make(ps)
     run(opt, ps, grads(3))
     saved = copy.deepcopy(opt.state_dict())

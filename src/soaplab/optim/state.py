@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from soaplab.optim.interface import Shell
-from soaplab.optim.kronecker import plan_factors
+from soaplab.optim.kronecker import FactorPlan, plan_factors
 
 _MATRIX_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64,
                   torch.float32: torch.float32, torch.float64: torch.float64}
@@ -102,8 +102,9 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
     plan = plan_factors(tuple(param.shape), **optimizer.plan_kwargs(group))
     for axis in plan.axes:
         if f"factor_{axis}" not in entry:
-            raise ValueError(f"state of {name} lacks 'factor_{axis}': it was saved with other "
-                             "factor settings (max_precond_dim, merge_dims, one_sided, ...)")
+            raise ValueError(f"state of {name} lacks 'factor_{axis}', which the factor settings "
+                             "of its param group (max_precond_dim, merge_dims, one_sided, ...) "
+                             "call for: the checkpoint is of other settings")
     dtype = state_dtype(param, optimizer.matrix_dtype)
     out: dict[str, Any] = {}
     for key, value in entry.items():
@@ -117,7 +118,7 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
     return out
 
 
-def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: Any) -> None:
+def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan) -> None:
     kind, _, axis = key.rpartition("_")
     if kind in ("factor", "basis", "root"):
         d = plan.shape[int(axis)] if axis.isdigit() and int(axis) in plan.axes else None
