@@ -104,7 +104,7 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, 
                     times[mode].append(elapsed)
     result: dict[str, Any] = {"times": times}
     for mode, (params, _, opt) in modes.items():
-        split = opt._split
+        split = opt.split
         mine = [p for p in params if split is None or split.owns(p)]
         result[f"{mode}_bytes"] = opt.state_bytes()
         result[f"{mode}_work"] = sum(_cost(p) for p in mine)

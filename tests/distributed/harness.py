@@ -107,7 +107,7 @@ def check_owned_state(name: str, model: torch.nn.ParameterList, split: torch.opt
     """Each rank holds state for exactly the parameters it owns, every parameter has one
     owner, and the ranks' state adds up to the unsplit optimizer's. Returns bytes per rank."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    owners = split._split.owners()
+    owners = split.split.owners()
     mine = {i for i, p in enumerate(model) if owners[p] == rank}
     held = {i for i, p in enumerate(model) if split.state.get(p)}
     assert held == mine, f"{name}: rank {rank} holds state of {held}, owns {mine}"

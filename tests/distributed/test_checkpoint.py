@@ -204,6 +204,12 @@ def _corrupt(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _claims_other_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """State of max_precond_dim=3 under a group that says 10000 (the plan follows the group)."""
+    state["param_groups"][0]["max_precond_dim"] = 10000
+    return state
+
+
 def _no_step(state: dict[str, Any]) -> dict[str, Any]:
     del state["state"][1]["step"]
     return state
@@ -212,11 +218,12 @@ def _no_step(state: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(("saved", "shapes", "match"), [
     (_saved_soap, [(3, 3), (5,)], r"'exp_avg' of parameter #0 .* \(3, 3\) has 12 elements"),
     (_saved_soap, [(3, 4), (5,)], r"'factor_0' of parameter #0 .* has shape \(4, 4\)"),
-    (lambda: _saved_soap(max_precond_dim=3), [(4, 3), (5,)], "lacks 'factor_0'.*max_precond_dim"),
+    (lambda: _claims_other_settings(_saved_soap(max_precond_dim=3)), [(4, 3), (5,)],
+     "lacks 'factor_0'.*max_precond_dim"),
     (lambda: _corrupt(_saved_soap()), [(4, 3), (5,)], "'factor_1' .* contains NaN or Inf"),
     (lambda: _no_step(_saved_soap()), [(4, 3), (5,)], "parameter #1 .* no valid 'step'"),
     (lambda: {"weights": []}, [(4, 3), (5,)], "not an optimizer state dict"),
-    (_saved_soap, [(4, 3)], "the state dict has 2 parameters, the optimizer 1"),
+    (_saved_soap, [(4, 3)], "the state dict has 2 parameters in param group 0, the optimizer 1"),
 ])
 def test_wrong_or_corrupt_checkpoints_are_refused(saved: Callable, shapes: list, match: str
                                                   ) -> None:

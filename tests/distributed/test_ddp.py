@@ -28,7 +28,7 @@ def _split_matches_unsplit(rank: int, world_size: int) -> None:
         split = make(param_groups(split_model), process_group=dist.group.WORLD)
         plain = make(param_groups(plain_model))
         solo = make(param_groups(solo_model), process_group=singletons[rank])
-        assert split._split is not None and solo._split is None
+        assert split.split is not None and solo.split is None
         worst = 0.0
         for step in range(STEPS):
             grads = _allreduced_grads(step, rank, world_size)

@@ -47,3 +47,36 @@ class KroneckerLeastSquares:
             with torch.no_grad():
                 losses.append(self.loss(W, self.eval_x).item())
         return losses
+
+
+class TwoBlobs:
+    """pytorch_optimizer's test problem: two Gaussian blobs in 2-D, centred at ±(2, 2) with
+    standard deviation 2, told apart by a 2-2-1 ReLU network under the logistic loss."""
+
+    def __init__(self, n: int = 100, seed: int = 42) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 2, generator=gen) * 2
+        x[: n // 2] -= 2
+        x[n // 2:] += 2
+        self.x = x
+        self.y = torch.cat([torch.zeros(n // 2, 1), torch.ones(n - n // 2, 1)])
+        self.seed = seed
+
+    def run(self, name: str, steps: int, **kw) -> list[float]:
+        """Train a fresh network; return the training loss before each step and at the end."""
+        import soaplab
+
+        torch.manual_seed(self.seed)
+        model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+        opt = soaplab.optimizer(name, model.parameters(), **kw)
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(self.x), self.y)
+            loss.backward()
+            losses.append(loss.item())
+            opt.step()
+        with torch.no_grad():
+            losses.append(torch.nn.functional.binary_cross_entropy_with_logits(
+                model(self.x), self.y).item())
+        return losses

@@ -26,6 +26,17 @@ def run(make, device, dtype, steps=7, seed=0):
     return ps, opt
 
 
+def step_together(a, ps, b, qs, steps=4):
+    """Feed both optimizers the same gradients; their parameters must stay bitwise equal."""
+    for _ in range(steps):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+
+
 OPTIMIZERS = {
     "soap": lambda ps: SOAP(ps, lr=0.01, precondition_frequency=3),
     "soap_factorized": lambda ps: SOAP(ps, lr=0.01, precondition_frequency=3, factorized=True),
@@ -61,10 +72,16 @@ def test_checkpoint_moves_between_cpu_and_cuda_bitwise():
                                                  for k, s in saved["state"].items()}})
     assert all(v.is_cuda for s in resumed.state.values() for v in s.values()
                if torch.is_tensor(v))
-    for _ in range(4):
-        for p, q in zip(ps, qs, strict=True):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
+    step_together(opt, ps, resumed, qs)
+
+
+@pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_cuda_copy_steps_bitwise_and_overflow_is_refused(make):
+    ps, opt = run(make, "cuda", torch.float32, steps=4)
+    twin = copy.deepcopy(opt)
+    qs = twin.param_groups[0]["params"]
+    step_together(opt, ps, twin, qs)
+    for p in ps:
+        p.grad = torch.randn_like(p) * 1e20
+    with pytest.raises(ValueError, match="would overflow"):
         opt.step()
-        resumed.step()
-    assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))

@@ -5,10 +5,13 @@
 2. ``kronecker`` (which axes get a factor, EMA statistics, projections into and out of the
    eigenbasis), ``second_moment`` (Adam's or Adafactor's v) and ``grafting``.
 3. The torch.optim shells: ``base.KroneckerOptimizer`` (gradient checks, batching of same-shape
-   parameters, dtype-preserving checkpoints) with ``SOAP`` and ``Shampoo`` on top.
+   parameters, checkpoints) with ``SOAP`` and ``Shampoo`` on top. The layers under it
+   (``state``: dtype policy and checkpoint checks; ``distributed``) see an optimizer only
+   through ``interface.Shell`` and never import the shell.
 
-A gradient's walk through ``SOAP.step``: the shell checks every gradient is finite, groups the
-parameters into buckets of equal factor plan and stacks their gradients; ``project`` rotates
+A gradient's walk through ``SOAP.step``: the shell checks every gradient is finite and small
+enough for the statistics not to overflow, groups the parameters into buckets of equal factor
+plan and stacks their gradients; ``project`` rotates
 them into the eigenbasis, Adam's moments update there, ``project_back`` returns the update,
 decoupled weight decay follows, then the factors take the gradient's Gram matrices, and every
 ``precondition_frequency`` steps ``power_qr_step`` refreshes the basis, permuting v and

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+import torch
+
 
 def check_nonnegative(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
@@ -37,3 +39,38 @@ def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_lr(lr: Any) -> None:
+    """A number >= 0, or (as torch.optim accepts) a one-element tensor holding one."""
+    if torch.is_tensor(lr):
+        if lr.numel() != 1 or lr.requires_grad:
+            raise ValueError(f"lr as a tensor must hold one value and need no grad, got {lr!r}")
+        lr = lr.item()
+    check_nonnegative("lr", lr)
+
+
+_UNSUPPORTED = {
+    "differentiable": "the basis refreshes (QR, eigh) and the gradient checks run outside "
+                      "autograd",
+    "fused": "there is no fused kernel; batched=True (the default) already stacks same-shape "
+             "parameters",
+    "capturable": "the step count and refresh schedule are host-side Python ints, which a "
+                  "CUDA graph cannot capture",
+}
+
+
+def check_torch_flags(name: str, **flags: Any) -> None:
+    """torch.optim's ``differentiable``, ``fused`` and ``capturable``: only off (False/None)."""
+    for flag, value in flags.items():
+        if value:
+            raise ValueError(f"{name} does not support {flag}=True: {_UNSUPPORTED[flag]}")
+
+
+def resolve_batched(batched: bool | None, foreach: bool | None) -> bool:
+    """``foreach`` is torch's name for ``batched``; None means the default (True)."""
+    if batched is not None and foreach is not None and bool(batched) != bool(foreach):
+        raise ValueError(f"foreach={foreach!r} and batched={batched!r} disagree; foreach is "
+                         "torch's name for batched, pass one of them")
+    chosen = batched if batched is not None else foreach
+    return True if chosen is None else bool(chosen)

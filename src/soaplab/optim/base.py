@@ -7,6 +7,7 @@ bucket rather than once per parameter.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -16,13 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from soaplab.optim._checks import check_choice
+from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
 from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
-from soaplab.optim.distributed.ddp import OwnerSplit, Target
-from soaplab.optim.distributed.fsdp import ShardedSplit, local
+from soaplab.optim.distributed.ddp import OwnerSplit
+from soaplab.optim.distributed.fsdp import ShardedSplit
+from soaplab.optim.interface import Target, local
 from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape, update_factors
 from soaplab.optim.matrix_functions import MatrixFunctionError
-from soaplab.optim.state import load_state_preserving_dtypes, state_bytes, state_dtype
+from soaplab.optim.state import state_bytes, state_dtype
+
+# What a copy (deepcopy, pickle) keeps beyond torch's defaults/state/param_groups (every public
+# attribute), with the value an object pickled by an older soaplab gets.
+_COPIED = {"nonfinite": "raise", "matrix_dtype": None, "skipped_steps": 0, "matrix_failures": 0}
 
 
 @dataclass
@@ -74,11 +80,22 @@ class Bucket:
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
-    """Common machinery; not used directly."""
+    """Common machinery; not used directly.
+
+    ``maximize`` and ``foreach`` (torch's name for ``batched``) are torch.optim's; of its other
+    flags, ``differentiable``, ``fused`` and ``capturable`` are accepted only when off.
+    """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str,
-                 matrix_dtype: torch.dtype | None, process_group: Any = None) -> None:
+                 matrix_dtype: torch.dtype | None, process_group: Any = None,
+                 maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None,
+                 capturable: bool = False) -> None:
         check_choice("nonfinite", nonfinite, ("raise", "skip"))
+        check_torch_flags(type(self).__name__, differentiable=differentiable, fused=fused,
+                          capturable=capturable)
+        defaults = {**defaults, "maximize": bool(maximize), "differentiable": False,
+                    "batched": resolve_batched(defaults.get("batched"), foreach)}
         super().__init__(params, defaults)
         # DDP or FSDP2 mode (see soaplab.optim.distributed); None: this process does it all.
         self._split = ShardedSplit.create(self, process_group) or \
@@ -87,16 +104,65 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self.matrix_dtype = matrix_dtype
         self.skipped_steps = 0
         self.matrix_failures = 0
-        for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.is_complex():
-                    raise ValueError(f"{type(self).__name__} does not support complex parameters "
-                                     f"({self._name(group, i)}); pass torch.view_as_real(p)")
 
-    # -- subclass interface -------------------------------------------------------------------
-    def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, but a parameter listed twice, or of a dtype the maths cannot update, is an
+        error rather than a warning or a parameter silently left alone."""
+        params = param_group["params"]
+        params = [params] if torch.is_tensor(params) else params
+        if not isinstance(params, set):  # torch raises its own error for sets
+            params = list(params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if len({id(p) for p in tensors}) != len(tensors):
+                raise ValueError(f"{type(self).__name__}: a param group lists the same tensor "
+                                 "twice, so it would be updated twice per step; list it once")
+        super().add_param_group({**param_group, "params": params})
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if p.is_complex() or not p.is_floating_point():
+                self.param_groups.pop()
+                kind, fix = ("complex", "pass torch.view_as_real(p)") if p.is_complex() else \
+                    (f"{p.dtype}", "only floating-point tensors can be optimized")
+                raise ValueError(f"{type(self).__name__} does not support {kind} parameters "
+                                 f"({self.describe(group, i)}); {fix}")
+
+    # -- copies: torch keeps only defaults, state and param_groups ----------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        if self._split is not None:
+            raise TypeError(f"a split {type(self).__name__} (process_group or FSDP2) cannot be "
+                            "copied or pickled, its process group cannot; save "
+                            "soaplab.optim.distributed.full_state_dict(optimizer) instead")
+        return {**super().__getstate__(),
+                **{k: v for k, v in self.__dict__.items() if not k.startswith("_")}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for key, value in {**_COPIED, "_split": None}.items():  # copies have no split
+            self.__dict__.setdefault(key, value)
+        for group in self.param_groups:  # keys an older soaplab did not have
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # -- public interface of the layers below (see interface.Shell) ----------------------------
+    @property
+    def split(self) -> OwnerSplit | None:
+        """The distributed split (DDP or FSDP2 mode), or None in a single process."""
+        return self._split
+
+    def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of ``kronecker.plan_factors`` for the group's parameters."""
         raise NotImplementedError
 
+    def describe(self, group: dict[str, Any], index: int) -> str:
+        """'parameter <name or number> with shape <shape>', for messages."""
+        names = group.get("param_names")
+        p = group["params"][index]
+        number = next((k for k, g in enumerate(self.param_groups)
+                       if g["params"] is group["params"]), len(self.param_groups))
+        where = f"'{names[index]}'" if names else f"#{index} of group {number}"
+        return f"parameter {where} with shape {tuple(p.shape)}"
+
+    # -- subclass interface -------------------------------------------------------------------
     def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -108,10 +174,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if not self._grads_usable():
             self.skipped_steps += 1
-            warnings.warn(f"{type(self).__name__}: non-finite gradient, step skipped "
-                          f"({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{type(self).__name__}: non-finite or overflowing gradient, step "
+                          f"skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
             return loss
         for group in self.param_groups:
             targets = self._targets(group)
@@ -128,42 +194,48 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             return self._split.targets(group)
         return [(p, p, p.grad) for p in group["params"] if p.grad is not None]
 
-    def _name(self, group: dict[str, Any], index: int) -> str:
-        names = group.get("param_names")
-        p = group["params"][index]
-        number = next(k for k, g in enumerate(self.param_groups) if g is group)
-        where = f"'{names[index]}'" if names else f"#{index} of group {number}"
-        return f"parameter {where} with shape {tuple(p.shape)}"
+    def _grads_usable(self) -> bool:
+        """Check every gradient before any state changes: raise, or report False to skip.
 
-    def _grads_finite(self) -> bool:
-        """Check every gradient before any state changes: raise, or report False to skip."""
+        Refused: NaN or Inf, and entries so large that the statistics would overflow the state
+        dtype (see :func:`_largest_safe`), which would leave Inf in the state for good."""
         checked = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or local(p.grad).numel() == 0:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"({self._name(group, i)}); use torch.optim.SparseAdam")
+                                       f"({self.describe(group, i)}); use torch.optim.SparseAdam")
                 if p.grad.is_complex():
                     raise RuntimeError(f"{type(self).__name__} got a complex gradient for "
-                                       f"{self._name(group, i)}")
-                checked.append((group, i, torch.isfinite(local(p.grad)).all()))
-        finite = not checked or bool(torch.stack([c[2].to("cpu") for c in checked]).all())
+                                       f"{self.describe(group, i)}")
+                limit = _largest_safe(p, state_dtype(p, self.matrix_dtype))
+                checked.append((group, i, local(p.grad).abs().amax().double(), limit))
+        # One transfer for all; NaN stays NaN, and fails every comparison below.
+        largest = torch.stack([c[2].cpu() for c in checked]).tolist() if checked else []
+        ok = all(m <= c[3] for m, c in zip(largest, checked, strict=True))
         if self._split is not None:  # every rank must take the same branch below
-            finite = self._split.all_agree(finite)
-        if finite:
+            ok = self._split.all_agree(ok)
+        if ok:
             return True
         if self.nonfinite == "skip":
             return False
-        bad = next((c for c in checked if not bool(c[2])), None)
-        where = "a parameter on another rank" if bad is None else self._name(bad[0], bad[1])
-        raise ValueError(f"{type(self).__name__}: gradient of {where} contains "
-                         "NaN or Inf; no state was changed (pass nonfinite='skip' to skip such "
-                         "steps)")
+        bad = next(((c, m) for m, c in zip(largest, checked, strict=True) if not m <= c[3]),
+                   None)
+        if bad is None:
+            where, what = "a parameter on another rank", "contains NaN or Inf, or overflows"
+        else:
+            (group, i, _, limit), m = bad
+            where = self.describe(group, i)
+            what = "contains NaN or Inf" if not math.isfinite(m) else \
+                f"has entries up to {m:.3g} (above {limit:.3g}), whose statistics would " \
+                "overflow the state dtype (scale the loss down or use matrix_dtype=float64)"
+        raise ValueError(f"{type(self).__name__}: gradient of {where} {what}; no state was "
+                         "changed (pass nonfinite='skip' to skip such steps)")
 
     def _buckets(self, group: dict[str, Any], targets: list[Target]) -> list[Bucket]:
-        plan_kwargs = self._plan_kwargs(group)
+        plan_kwargs = self.plan_kwargs(group)
         members: dict[tuple, list[tuple[Tensor, Tensor, Tensor, FactorPlan]]] = defaultdict(list)
         for p, tensor, grad in targets:
             if tensor.numel() == 0:
@@ -180,6 +252,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             params, tensors, grads, plans = zip(*same, strict=True)
             dtype = state_dtype(tensors[0], self.matrix_dtype)
             stacked = torch.stack([to_plan_shape(g.to(dtype), plans[0]) for g in grads])
+            if group["maximize"]:
+                stacked.neg_()
             buckets.append(Bucket(list(tensors), [self.state[p] for p in params], plans[0],
                                   stacked))
         return buckets
@@ -192,9 +266,17 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint, keeping every state tensor in its saved dtype (fp32 factors of a
-        bf16 parameter stay fp32)."""
-        load_state_preserving_dtypes(self, state_to_load(self, state_dict))
+        """torch's contract (hooks, the saved param groups with this optimizer's parameters),
+        with the state checked and cast to this optimizer's dtype policy (see state.py): fp32
+        factors of a bf16 parameter stay fp32. Nothing changes when a check fails."""
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        groups, state = state_to_load(self, state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict; in DDP mode only this rank's share, marked with its rank."""
@@ -203,3 +285,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state currently held."""
         return state_bytes(self)
+
+
+def _largest_safe(p: Tensor, dtype: torch.dtype) -> float:
+    """The largest gradient entry whose statistics cannot overflow ``dtype``.
+
+    With a = max |g| and n = p.numel(), every statistic is at most n·a² (‖G‖²_F bounds each
+    Gram entry, factor, rotated g'² and v), a factored v̂ at most n²·a²; keeping n·a below
+    √(max float) (1.8e19 in fp32) leaves all of them, and the refresh's column norms, finite."""
+    return math.sqrt(torch.finfo(dtype).max) / max(p.numel(), 1)

@@ -48,6 +48,18 @@ def estimate(v: dict[str, Tensor]) -> Tensor:
     return (row / scale).unsqueeze(-1) * col.unsqueeze(-2)
 
 
+def clip_rms(ratio: Tensor, correction: float, threshold: float = 1.0) -> Tensor:
+    """Adafactor's update clipping: scale each item of the batch so that the RMS of
+    ``correction``·ratio (the bias-corrected m/√v̂) is at most ``threshold``.
+
+    A factored v̂ = r cᵀ/mean(r) can be far below g² in some coordinates (at the first step,
+    one coordinate of a 2×2 layer moved 11.8·lr), which is why Adafactor clips (Shazeer &
+    Stern 2018, §6, threshold 1); an unfactored Adam step has RMS at most about 1 already."""
+    dims = tuple(range(1, ratio.dim()))
+    rms = ratio.square().mean(dims, keepdim=True).sqrt() * correction
+    return ratio / (rms / threshold).clamp_min(1.0)
+
+
 def permute(v: dict[str, Tensor], order: Tensor, axis: int, ndim: int) -> None:
     """Reorder the second moment along plan axis ``axis`` to follow a sorted basis."""
     if "exp_avg_sq" in v:

@@ -27,6 +27,7 @@ from soaplab.optim._checks import (
     check_betas,
     check_choice,
     check_int,
+    check_lr,
     check_nonnegative,
     check_positive,
 )
@@ -48,11 +49,12 @@ class Shampoo(KroneckerOptimizer):
         eps: ε·I added to each factor before its inverse root (must be > 0).
         weight_decay: decoupled weight decay (p -= lr·wd·p after the update).
         precondition_frequency: steps between inverse-root recomputations.
-        start_preconditioning_step: first step that uses the roots (None: precondition_frequency).
+        start_preconditioning_step: first step that uses the roots (None: the group's current
+            precondition_frequency, read each step).
         exponent: overall Kronecker exponent e: 0.25 (classic) or 0.5.
         grafting: "adam", "adagrad", "sgd" or "none". graft_eps: ε of the grafted optimizer.
         max_precond_dim, merge_dims, precondition_1d, data_format: as in SOAP.
-        matrix_dtype, nonfinite, batched, process_group: as in SOAP.
+        matrix_dtype, nonfinite, batched, process_group, maximize, foreach: as in SOAP.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
@@ -61,9 +63,9 @@ class Shampoo(KroneckerOptimizer):
                  exponent: float = 0.25, grafting: str = "adam", graft_eps: float = 1e-8,
                  max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, data_format: str = "channels_first", *,
-                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool = True,
-                 process_group: Any = None) -> None:
-        check_nonnegative("lr", lr)
+                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool | None = None,
+                 process_group: Any = None, **torch_flags: Any) -> None:
+        check_lr(lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
             check_beta("shampoo_beta", shampoo_beta)
@@ -71,24 +73,24 @@ class Shampoo(KroneckerOptimizer):
         check_nonnegative("graft_eps", graft_eps)
         check_nonnegative("weight_decay", weight_decay)
         check_int("precondition_frequency", precondition_frequency, 1)
-        start = precondition_frequency if start_preconditioning_step is None \
-            else start_preconditioning_step
-        check_int("start_preconditioning_step", start, 1)
+        if start_preconditioning_step is not None:
+            check_int("start_preconditioning_step", start_preconditioning_step, 1)
         check_positive("exponent", exponent)
         check_choice("grafting", grafting, graft_fns.KINDS)
         check_int("max_precond_dim", max_precond_dim, 0)
         check_choice("data_format", data_format, ("channels_first", "channels_last"))
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
-                        start_preconditioning_step=start, exponent=exponent, grafting=grafting,
-                        graft_eps=graft_eps, max_precond_dim=max_precond_dim,
+                        start_preconditioning_step=start_preconditioning_step,
+                        exponent=exponent, grafting=grafting, graft_eps=graft_eps,
+                        max_precond_dim=max_precond_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d,
                         data_format=data_format, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
                          matrix_dtype=resolve_matrix_dtype(matrix_dtype),
-                         process_group=process_group)
+                         process_group=process_group, **torch_flags)
 
-    def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+    def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
                     precondition_1d=group["precondition_1d"], data_format=group["data_format"])
 
@@ -101,13 +103,13 @@ class Shampoo(KroneckerOptimizer):
         t = bucket.states[0]["step"]
         beta1 = group["betas"][0]
         factors = bucket.update_factors(group)
-        start, freq = group["start_preconditioning_step"], group["precondition_frequency"]
+        start, freq = _start(group), group["precondition_frequency"]
         if plan.axes and t >= start and (t - start) % freq == 0:
             self._compute_roots(bucket, factors, group)
         exp_avg = bucket.stack("exp_avg").lerp_(G, 1 - beta1)
         graft_state = {k: bucket.stack(k) for k in ("graft_sq",) if k in bucket.states[0]}
         direction = _direction(bucket, group, exp_avg / (1 - beta1**t), graft_state, t)
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
         for p, u in zip(bucket.params, direction.unbind(0), strict=True):
             p.add_(from_plan_shape(u, plan, p.shape).to(p.dtype), alpha=-lr)
             if wd > 0:
@@ -132,6 +134,12 @@ class Shampoo(KroneckerOptimizer):
             bucket.store(f"root_{axis}", root)
 
 
+def _start(group: dict[str, Any]) -> int:
+    """The first preconditioned step, read each step: None follows precondition_frequency."""
+    start = group["start_preconditioning_step"]
+    return group["precondition_frequency"] if start is None else start
+
+
 def _init_state(bucket: Bucket, grafting: str) -> None:
     plan, G = bucket.plan, bucket.grads
     for s in bucket.states:
@@ -153,7 +161,7 @@ def _direction(bucket: Bucket, group: dict[str, Any], moment: Tensor,
     reference = graft_fns.graft_direction(group["grafting"], graft_state, bucket.grads, moment,
                                           group["betas"][1], t, group["graft_eps"])
     axes = bucket.plan.axes
-    if not axes or t < group["start_preconditioning_step"]:
+    if not axes or t < _start(group):
         return moment if reference is None else reference
     roots = {axis: bucket.stack(f"root_{axis}") for axis in axes}
     direction = project(moment, roots)  # roots are symmetric, so this is X ×_k P_k

@@ -33,6 +33,7 @@ from soaplab.optim._checks import (
     check_betas,
     check_choice,
     check_int,
+    check_lr,
     check_nonnegative,
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer
@@ -72,7 +73,11 @@ class SOAP(KroneckerOptimizer):
         matrix_dtype: dtype of factors, bases and moments; None = float64 for float64
             parameters, float32 otherwise.
         nonfinite: "raise" (default) on a NaN/Inf gradient before touching state, or "skip".
-        batched: stack same-shape parameters so each matmul runs once per shape.
+        batched: stack same-shape parameters so each matmul runs once per shape (default).
+        foreach: torch's name for ``batched``; None (default) means batched.
+        maximize: maximize the objective (the gradient's sign is flipped before any statistic).
+        differentiable, fused, capturable: torch.optim's flags; only their off values
+            (False/None) are accepted, anything else raises ValueError saying why.
         process_group: under DDP, split the preconditioner work across this group's ranks
             (see soaplab.optim.distributed); None: every rank does all of it.
     """
@@ -85,8 +90,9 @@ class SOAP(KroneckerOptimizer):
                  normalize_grads: bool = False, data_format: str = "channels_first",
                  correct_bias: bool = True, *, one_sided: bool = False, factorized: bool = False,
                  refresh: str = "qr", matrix_dtype: Any = None, nonfinite: str = "raise",
-                 batched: bool = True, process_group: Any = None) -> None:
-        check_nonnegative("lr", lr)
+                 batched: bool | None = None, process_group: Any = None,
+                 **torch_flags: Any) -> None:
+        check_lr(lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
             check_beta("shampoo_beta", shampoo_beta)
@@ -104,9 +110,9 @@ class SOAP(KroneckerOptimizer):
                         factorized=factorized, refresh=refresh, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
                          matrix_dtype=resolve_matrix_dtype(matrix_dtype),
-                         process_group=process_group)
+                         process_group=process_group, **torch_flags)
 
-    def _plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+    def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
                     precondition_1d=group["precondition_1d"], one_sided=group["one_sided"],
                     data_format=group["data_format"])
@@ -175,7 +181,7 @@ def _second_moment(bucket: Bucket) -> dict[str, Tensor]:
 def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
     """Adam in the current eigenbasis, then the decoupled weight decay (reference order)."""
     beta1, beta2 = group["betas"]
-    lr, wd = group["lr"], group["weight_decay"]
+    lr, wd = float(group["lr"]), group["weight_decay"]
     bases = _bases(bucket)
     rotated = project(bucket.grads, bases)
     for s in bucket.states:
@@ -187,7 +193,11 @@ def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
     step_size = lr
     if group["correct_bias"]:
         step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-    update = project_back(exp_avg / second_moment.estimate(v).sqrt().add_(group["eps"]), bases)
+    ratio = exp_avg / second_moment.estimate(v).sqrt().add_(group["eps"])
+    if "exp_avg_sq" not in v:  # factored: Adafactor's update clipping
+        correction = math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else 1.0
+        ratio = second_moment.clip_rms(ratio, correction)
+    update = project_back(ratio, bases)
     if group["normalize_grads"]:
         dims = tuple(range(1, update.dim()))
         update = update / update.square().mean(dims, keepdim=True).sqrt().add_(1e-30)

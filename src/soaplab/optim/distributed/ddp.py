@@ -12,20 +12,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from soaplab.optim.distributed.ownership import assign_owners, param_cost
+from soaplab.optim.interface import Shell, Target
 from soaplab.optim.kronecker import plan_factors
-
-if TYPE_CHECKING:
-    from soaplab.optim.base import KroneckerOptimizer
-
-# (parameter: the key of its state, tensor the maths updates in place, its gradient)
-Target = tuple[Tensor, Tensor, Tensor]
 
 # ``all_gather_into_tensor`` is deprecated from torch 2.13 on, in favour of this name.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -34,7 +29,7 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 class OwnerSplit:
     """Who owns which parameter of one optimizer, and the collectives of a split step."""
 
-    def __init__(self, optimizer: KroneckerOptimizer, process_group: Any) -> None:
+    def __init__(self, optimizer: Shell, process_group: Any) -> None:
         self.optimizer = optimizer
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
@@ -43,7 +38,7 @@ class OwnerSplit:
         self._layout: tuple[int, ...] = ()
 
     @classmethod
-    def create(cls, optimizer: KroneckerOptimizer, process_group: Any) -> OwnerSplit | None:
+    def create(cls, optimizer: Shell, process_group: Any) -> OwnerSplit | None:
         """None (the plain optimizer) without a process group or with a group of one rank."""
         if process_group is None:
             return None
@@ -84,7 +79,7 @@ class OwnerSplit:
     def _costs(self) -> list[int]:
         costs = []
         for group in self.optimizer.param_groups:
-            kwargs = self.optimizer._plan_kwargs(group)
+            kwargs = self.optimizer.plan_kwargs(group)
             for p in group["params"]:
                 plan = plan_factors(tuple(p.shape), **kwargs)
                 costs.append(param_cost(plan.shape, plan.axes))

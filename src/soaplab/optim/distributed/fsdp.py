@@ -19,28 +19,21 @@ does not depend on how the parameters were sharded. Supported layout: a 1-D devi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from soaplab.optim.distributed.ddp import OwnerSplit, Target, all_gather_single, kinds
-
-if TYPE_CHECKING:
-    from soaplab.optim.base import KroneckerOptimizer
-
-
-def local(t: Tensor) -> Tensor:
-    """This rank's part of a tensor: the local shard of a DTensor, a plain tensor as it is."""
-    return t.to_local() if isinstance(t, DTensor) else t
+from soaplab.optim.distributed.ddp import OwnerSplit, all_gather_single, kinds
+from soaplab.optim.interface import Shell, Target, local
 
 
 class ShardedSplit(OwnerSplit):
     """Ownership of DTensor parameters, and the two all-to-alls of a step."""
 
-    def __init__(self, optimizer: KroneckerOptimizer, process_group: Any) -> None:
+    def __init__(self, optimizer: Shell, process_group: Any) -> None:
         super().__init__(optimizer, process_group)
         # sizes[r][i]: elements of parameter i held by rank r; order: ranks by shard index.
         self._sizes: list[list[int]] = []
@@ -48,7 +41,7 @@ class ShardedSplit(OwnerSplit):
         self._index: dict[Tensor, int] = {}
 
     @classmethod
-    def create(cls, optimizer: KroneckerOptimizer, process_group: Any) -> ShardedSplit | None:
+    def create(cls, optimizer: Shell, process_group: Any) -> ShardedSplit | None:
         """A split over the parameters' device mesh if they are DTensors, else None."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         sharded = [p for p in params if isinstance(p, DTensor)]
