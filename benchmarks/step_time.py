@@ -51,7 +51,7 @@ from soaplab.optim import matrix_functions as mf
 from soaplab.optim.kronecker import permute_axis, project, project_back
 
 FREQ = 10
-SOAPLAB = ("soap", "soap_eigh", "soap_one_sided", "soap_factorized",
+SOAPLAB = ("soap", "soap_adaptive", "soap_eigh", "soap_one_sided", "soap_factorized",
            "soap_one_sided_factorized", "shampoo", "shampoo_half")
 PEERS = ("pytorch_optimizer.SOAP", "heavyball.SOAP")
 COMMON = dict(lr=3e-3, weight_decay=0.01, eps=1e-8)

@@ -110,6 +110,8 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
             task.model.eval()  # every rank, on its replica: they are identical
             record["val_loss"] = task.evaluate(task.model)
             task.model.train()
+            if hasattr(opt, "refresh_stats"):  # SOAP's basis drift and refresh counts
+                record["refresh_stats"] = opt.refresh_stats()
         record["peak_memory_mb"] = peak_memory_mb(device)
         records.append(record)
         if main:
