@@ -55,6 +55,24 @@ def _curves(runs: list[Run], results: dict[str, RunResult], x: str, y: str = "va
     return curves
 
 
+def _drift_curves(runs: list[Run], results: dict[str, RunResult]
+                  ) -> tuple[str, dict[str, tuple[list[float], list[float]]]] | None:
+    """Drift against step of every factored parameter axis, for the first run recording it
+    (SOAP's ``refresh_stats``, at each evaluation)."""
+    for run in runs:
+        series: dict[str, tuple[list[float], list[float]]] = {}
+        for record in results[run.label].records:
+            for name, axes in record.get("refresh_stats", {}).get("parameters", {}).items():
+                for axis, entry in axes.items():
+                    if entry["drift"] is not None:
+                        xs, ys = series.setdefault(f"{name}/{axis}", ([], []))
+                        xs.append(record["step"])
+                        ys.append(entry["drift"])
+        if series:
+            return run.label, series
+    return None
+
+
 def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunResult],
                  rows: list[dict[str, Any]], target: float | None) -> Path:
     metric = "cross-entropy (nats/char)" if task == "lm" else "MSE of Lab chrominance"
@@ -71,6 +89,11 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
                         ylabel=f"training {metric}, mean between evaluations", logy=True,
                         title=f"{task}: training loss against steps"),
     ]
+    drift = _drift_curves(runs, results)
+    if drift is not None:
+        figures.append(plots.line_plot(drift[1], out / "drift.png", xlabel="step",
+                                       ylabel="basis drift ‖QᵀLQ − diag‖ / ‖L‖", legend=False,
+                                       title=f"{drift[0]}: drift of each factor's basis"))
     examples = _colorization_strip(out, runs, results, rows)
     if examples is not None:
         figures.append(examples)
