@@ -5,6 +5,7 @@ Run (CPU, the default shapes: width 256, 4 layers, char-level vocabulary)::
     .venv/bin/python benchmarks/step_time.py
     .venv/bin/python benchmarks/step_time.py --width 512 --layers 8 --steps 40
     .venv/bin/python benchmarks/step_time.py --device cuda --only soap,pytorch_optimizer.SOAP
+    .venv/bin/python benchmarks/step_time.py --parts     # what each part of a refresh costs
 
 Every contestant steps its own copy of the same parameters on the same pre-drawn random
 gradients, with ``precondition_frequency=10`` and equal hyperparameters. Timing runs in rounds:

@@ -37,7 +37,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "shampoo_half": _shampoo(exponent=0.5),
     "soap": _soap(),
     "soap_eigh": _soap(refresh="eigh"),
-    "soap_adaptive": _soap(refresh_tolerance=0.1),
+    "soap_adaptive": _soap(refresh_tolerance=0.2),
     "soap_one_sided": _soap(one_sided=True),
     "soap_factorized": _soap(factorized=True),
     "soap_one_sided_factorized": _soap(one_sided=True, factorized=True),
