@@ -5,6 +5,7 @@ Run (CPU, the default shapes: width 256, 4 layers, char-level vocabulary)::
     .venv/bin/python benchmarks/step_time.py
     .venv/bin/python benchmarks/step_time.py --width 512 --layers 8 --steps 40
     .venv/bin/python benchmarks/step_time.py --device cuda --only soap,pytorch_optimizer.SOAP
+    .venv/bin/python benchmarks/step_time.py --parts     # what each part of a refresh costs
 
 Every contestant steps its own copy of the same parameters on the same pre-drawn random
 gradients, with ``precondition_frequency=10`` and equal hyperparameters. Timing runs in rounds:
@@ -47,9 +48,11 @@ import torch
 from torch import Tensor
 
 import soaplab
+from soaplab.optim import matrix_functions as mf
+from soaplab.optim.kronecker import permute_axis, project, project_back
 
 FREQ = 10
-SOAPLAB = ("soap", "soap_eigh", "soap_one_sided", "soap_factorized",
+SOAPLAB = ("soap", "soap_adaptive", "soap_eigh", "soap_one_sided", "soap_factorized",
            "soap_one_sided_factorized", "shampoo", "shampoo_half")
 PEERS = ("pytorch_optimizer.SOAP", "heavyball.SOAP")
 COMMON = dict(lr=3e-3, weight_decay=0.01, eps=1e-8)
@@ -215,6 +218,97 @@ def time_floor(operands: list[tuple[Tensor, Tensor, Tensor]], device: torch.devi
     return statistics.median(times)
 
 
+# -- the refresh's parts --------------------------------------------------------------------------
+def median_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def warm_factors(shape: Shape, count: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Per axis of ``count`` stacked m×n gradients: a full-rank factor A (an EMA of 30 grams)
+    and a basis Q near its eigenbasis (eigh of an older factor), as at a real refresh."""
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(count, *shape, generator=gen).to(device) for _ in range(30)]
+    out = []
+    for axis in (0, 1):
+        grams = [g @ g.mT if axis == 0 else g.mT @ g for g in grads]
+        old = sum(0.95 ** (30 - i) * x for i, x in enumerate(grams[:20]))
+        A = sum(0.95 ** (30 - i) * x for i, x in enumerate(grams))
+        out += [A, mf.eigenbasis(old)]
+    return tuple(out)
+
+
+PARTS = ("A·Q", "sort+drift", "householder", "cholesky_qr2", "eigh", "transport", "v perm",
+         "sync")
+
+
+def refresh_parts(shapes: list[Shape], device: torch.device,
+                  repeats: int) -> dict[tuple[Shape, int], dict[str, float]]:
+    """Seconds of each part of one refresh, per matrix shape (batched over its copies) and axis.
+
+    ``A·Q`` is the power step; ``sort+drift`` the Rayleigh quotients, their sort, the column
+    gather and the drift; ``householder`` and ``cholesky_qr2`` (with its orthogonality check
+    and its one host sync) the two orthonormalizations; ``eigh`` the exact alternative;
+    ``transport`` carrying m to the new basis (both axes, on the axis-0 row); ``v perm`` the
+    second moment's permutation; ``sync`` one finiteness check read by the host."""
+    counts: dict[Shape, int] = defaultdict(int)
+    for s in shapes:
+        if len(s) == 2:
+            counts[s] += 1
+    parts = {}
+    for shape, count in counts.items():
+        A0, Q0, A1, Q1 = warm_factors(shape, count, device)
+        m = torch.randn(count, *shape, device=device)
+        for axis, (A, Q) in enumerate(((A0, Q0), (A1, Q1))):
+            parts[(shape, axis)] = axis_parts(A, Q, m, axis, device, repeats)
+        bases = {0: Q0, 1: Q1}
+        parts[(shape, 0)]["transport"] = median_s(
+            lambda: project(project_back(m, bases), bases), device, repeats)  # noqa: B023
+    return parts
+
+
+def axis_parts(A: Tensor, Q: Tensor, m: Tensor, axis: int, device: torch.device,
+               repeats: int) -> dict[str, float]:
+    AQ = A @ Q
+    order = mf.sort_by_rayleigh(AQ, Q)
+    Y = torch.gather(AQ, -1, order.unsqueeze(-2).expand_as(AQ))
+
+    def sort_and_drift() -> None:
+        torch.gather(AQ, -1, mf.sort_by_rayleigh(AQ, Q).unsqueeze(-2).expand_as(AQ))
+        mf.drift(A, AQ, Q)
+
+    return {
+        "A·Q": median_s(lambda: A @ Q, device, repeats),
+        "sort+drift": median_s(sort_and_drift, device, repeats),
+        "householder": median_s(lambda: mf.orthonormalize(Y, "householder"), device, repeats),
+        "cholesky_qr2": median_s(lambda: mf.orthonormalize(Y, "cholesky_qr2"), device, repeats),
+        "eigh": median_s(lambda: mf.eigenbasis(A), device, max(1, repeats // 2)),
+        "transport": 0.0,
+        "v perm": median_s(lambda: permute_axis(m, order, axis), device, repeats),
+        "sync": median_s(lambda: bool(torch.isfinite(Y).all()), device, repeats),
+    }
+
+
+def parts_table(parts: dict[tuple[Shape, int], dict[str, float]]) -> str:
+    counts = defaultdict(int)
+    rows = ["| matrix (count) | axis, d | " + " | ".join(f"{p} ms" for p in PARTS) + " |",
+            "|" + "---|" * (len(PARTS) + 2)]
+    for (shape, axis), row in parts.items():
+        counts[shape] += 1
+        rows.append(f"| {shape} | {axis}, {shape[axis]} | "
+                    + " | ".join(f"{row[p] * 1e3:.1f}" for p in PARTS) + " |")
+    total = {p: sum(r[p] for r in parts.values()) for p in PARTS}
+    rows.append("| **all factors** | | " + " | ".join(f"{total[p] * 1e3:.1f}" for p in PARTS)
+                + " |")
+    return "\n".join(rows)
+
+
 # -- report ---------------------------------------------------------------------------------------
 def table(contestants: list[Contestant], floor_s: float, skipped: dict[str, str]) -> str:
     ordinary = {c.name: statistics.median(c.step_s) for c in contestants}
@@ -250,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=None,
                     help="timed windows of 10 steps per optimizer (overrides --steps)")
     ap.add_argument("--no-peers", action="store_true", help="skip pytorch_optimizer and heavyball")
+    ap.add_argument("--parts", action="store_true",
+                    help="print only the table of a refresh's parts per matrix shape and axis")
+    ap.add_argument("--repeats", type=int, default=5, help="timing repeats per part (--parts)")
     ap.add_argument("--grad-sets", type=int, default=7,
                     help="distinct pre-drawn gradient sets, cycled (7: coprime with the window, "
                          "so windows differ, and the factors become full rank as in training)")
@@ -308,6 +405,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = setup(args)
     shapes = gpt_shapes(args.width, args.layers, args.vocab, args.block)
+    if args.parts:
+        print(f"refresh parts, GPT width {args.width}, {args.layers} layers; device "
+              f"{device.type}, {torch.get_num_threads()} threads; median of {args.repeats}\n")
+        print(parts_table(refresh_parts(shapes, device, args.repeats)))
+        return
     grads = draw_grads(shapes, args.grad_sets, device)
     contestants, skipped = build(args, shapes, device)
     skipped.update(warm_up(contestants, grads, device))

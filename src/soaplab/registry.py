@@ -58,6 +58,7 @@ OPTIMIZERS: dict[str, Entry] = {
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
     "soap": _kronecker(_soap, "soap"),
     "soap_eigh": _kronecker(_soap, "soap", refresh="eigh"),
+    "soap_adaptive": _kronecker(_soap, "soap", refresh_tolerance=0.2),
     "soap_one_sided": _kronecker(_soap, "soap", one_sided=True),
     "soap_factorized": _kronecker(_soap, "soap", factorized=True),
     "soap_one_sided_factorized": _kronecker(_soap, "soap", one_sided=True, factorized=True),

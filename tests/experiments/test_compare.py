@@ -28,7 +28,8 @@ def test_compare_writes_report_and_plots(tmp_path, task):
     assert code == 0
     report = (tmp_path / "report.md").read_text()
     assert "steps_to_target" in report and report.count("| soap |") == 2
-    pngs = ["val_loss_vs_steps.png", "val_loss_vs_time.png", "train_loss_vs_steps.png"]
+    pngs = ["val_loss_vs_steps.png", "val_loss_vs_time.png", "train_loss_vs_steps.png",
+            "drift.png"]
     for png in pngs + (["colorization.png"] if task == "colorize" else []):
         assert (tmp_path / png).stat().st_size > 5000
     config = json.loads((tmp_path / "config.json").read_text())

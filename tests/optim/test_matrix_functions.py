@@ -101,12 +101,13 @@ def test_inverse_root_of_rank_deficient_factor_is_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_orthonormalize_equals_householder_q_up_to_signs(dtype):
+@pytest.mark.parametrize("method", [None, "householder", "cholesky_qr2"])
+def test_orthonormalize_equals_householder_q_up_to_signs(dtype, method):
     A = torch.randn(3, 24, 40, dtype=dtype)
     P = A @ A.mT
     warm = torch.linalg.eigh(P + 0.1 * torch.eye(24, dtype=dtype)).eigenvectors
     Y = P @ warm
-    Q = mf.orthonormalize(Y)
+    Q = mf.orthonormalize(Y, method)
     reference = torch.linalg.qr(Y).Q
     eye = torch.eye(24, dtype=dtype).expand(3, 24, 24)
     tol = 1e-4 if dtype == torch.float32 else 1e-10
@@ -119,6 +120,19 @@ def test_orthonormalize_falls_back_on_rank_deficient_input(monkeypatch):
     calls = []
     real_qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda X: calls.append(1) or real_qr(X))
-    Q = mf.orthonormalize(Y)
+    Q = mf.orthonormalize(Y, "cholesky_qr2")
     assert calls  # Cholesky QR broke down, Householder QR answered
     torch.testing.assert_close(Q[0].T @ Q[0], torch.eye(10, dtype=torch.float64))
+
+
+def test_drift_is_the_relative_off_diagonal_mass_of_the_rotated_factor():
+    A = torch.randn(4, 12, 30, dtype=torch.float64)
+    P = A @ A.mT
+    Q = torch.linalg.qr(torch.randn(4, 12, 12, dtype=torch.float64)).Q
+    rotated = Q.mT @ P @ Q
+    off = rotated - torch.diag_embed(rotated.diagonal(dim1=-2, dim2=-1))
+    expected = off.norm(dim=(-2, -1)) / P.norm(dim=(-2, -1))
+    torch.testing.assert_close(mf.drift(P, P @ Q, Q), expected)
+    exact = torch.linalg.eigh(P).eigenvectors
+    assert mf.drift(P, P @ exact, exact).max() < 1e-7
+    assert mf.drift(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), torch.eye(3)[None]).item() == 0

@@ -23,6 +23,8 @@ VARIANTS = {
                                              **kw),
     "soap_one_sided_factorized": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
                                                        factorized=True, one_sided=True, **kw),
+    "soap_adaptive": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
+                                           refresh_tolerance=0.2, **kw),
     "shampoo": lambda ps, **kw: Shampoo(ps, precondition_frequency=2, **kw),
 }
 each = pytest.mark.parametrize("make", VARIANTS.values(), ids=VARIANTS.keys())

@@ -120,6 +120,8 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
             task.model.train()
             bar.set_postfix_str(f"val={record['val_loss']:.3f} at step {step + 1}",
                                 refresh=False)
+            if hasattr(opt, "refresh_stats"):  # SOAP's basis drift and refresh counts
+                record["refresh_stats"] = opt.refresh_stats()
         record["peak_memory_mb"] = peak_memory_mb(device)
         records.append(record)
         if main:
@@ -151,10 +153,22 @@ def eval_points(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     for r in records:
         window.append(r["train_loss"])
         if "val_loss" in r:
-            points.append({"step": r["step"], "train_time": r["train_time"],
-                           "val_loss": r["val_loss"], "train_loss": sum(window) / len(window)})
+            point = {"step": r["step"], "train_time": r["train_time"],
+                     "val_loss": r["val_loss"], "train_loss": sum(window) / len(window)}
+            drift = _drift(r.get("refresh_stats"))
+            if drift:
+                point["drift"] = drift
+            points.append(point)
             window = []
     return points
+
+
+def _drift(stats: dict[str, Any] | None) -> dict[str, float]:
+    """'parameter/axis' -> basis drift at the last check, from SOAP's ``refresh_stats()``."""
+    if not stats:
+        return {}
+    return {f"{name}/{axis}": e["drift"] for name, axes in stats["parameters"].items()
+            for axis, e in axes.items() if e["drift"] is not None}
 
 
 def summarize_records(records: list[dict[str, Any]], state_size: int,

@@ -43,6 +43,22 @@ def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"
     return curves
 
 
+def _drift_curves(rows: list[dict[str, Any]]
+                  ) -> tuple[str, dict[str, tuple[list[float], list[float]]]] | None:
+    """Drift against step of every factored parameter axis, for the first run recording it
+    (SOAP's ``refresh_stats``, kept at each evaluation point)."""
+    for row in rows:
+        series: dict[str, tuple[list[float], list[float]]] = {}
+        for point in row["evals"]:
+            for key, value in point.get("drift", {}).items():
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(point["step"])
+                ys.append(value)
+        if series:
+            return row["run"], series
+    return None
+
+
 def _target_text(rows: list[dict[str, Any]], target: float | None) -> str:
     if target is not None:
         return f" = **{target:.4f}**"
@@ -71,6 +87,11 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
                         ylabel=f"training {metric}\n(mean between evaluations)", logy=True,
                         title=f"{task}: training loss against steps"),
     ]
+    drift = _drift_curves(rows)
+    if drift is not None:
+        figures.append(plots.line_plot(drift[1], out / "drift.png", xlabel="step",
+                                       ylabel="basis drift ‖QᵀLQ − diag‖ / ‖L‖", legend=False,
+                                       title=f"{drift[0]}: drift of each factor's basis"))
     examples = _colorization_strip(out, results, rows)
     if examples is None and (out / "colorization.png").is_file():
         examples = out / "colorization.png"  # every run read back: the strip drawn with them

@@ -18,7 +18,7 @@ class MatrixFunctionError(RuntimeError):
 
 def _check_finite(A: Tensor, what: str) -> None:
     if not bool(torch.isfinite(A).all()):
-        raise MatrixFunctionError(f"{what}: input factor contains NaN or Inf")
+        raise MatrixFunctionError(f"{what}: factor or result contains NaN or Inf")
 
 
 def _eigh_with_retry(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,10 +46,28 @@ def eigenbasis(A: Tensor) -> Tensor:
     return evecs.flip(-1)
 
 
+def rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
+    """The Rayleigh quotients diag(Qᵀ A Q), given the product ``AQ`` = A @ Q."""
+    return (AQ * Q).sum(dim=-2)
+
+
 def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
     """Column order that sorts the Rayleigh quotients diag(Qᵀ A Q) in descending order,
     given the product ``AQ`` = A @ Q."""
-    return torch.argsort((AQ * Q).sum(dim=-2), dim=-1, descending=True)
+    return torch.argsort(rayleigh(AQ, Q), dim=-1, descending=True)
+
+
+def drift(A: Tensor, AQ: Tensor, Q: Tensor) -> Tensor:
+    """‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F for each factor: how far Q is from A's eigenbasis.
+
+    Read from the power step's own product ``AQ`` = A @ Q at no matmul cost: ‖QᵀAQ‖_F = ‖A‖_F
+    for orthogonal Q, so the off-diagonal mass is ‖A‖_F² − Σ diag². The subtraction limits the
+    resolution to about √(working eps) (1e-3 in float32); an all-zero factor has drift 0.
+    """
+    total = (A * A).sum(dim=(-2, -1), dtype=torch.float64)
+    diagonal = rayleigh(AQ, Q).square().sum(dim=-1, dtype=torch.float64)
+    off = (total - diagonal).clamp_min(0).sqrt()
+    return (off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)).to(A.dtype)
 
 
 def _columns(X: Tensor, order: Tensor) -> Tensor:
@@ -67,55 +85,70 @@ def _householder_q(Y: Tensor) -> Tensor:
 
 
 def _cholesky_qr2(Y: Tensor) -> Tensor | None:
-    """Q of Y by two passes of Cholesky QR (Y R⁻¹ with RᵀR = YᵀY), or None if it breaks down."""
+    """Q of Y by two passes of Cholesky QR (Y R⁻¹ with RᵀR = YᵀY), or None if it breaks down
+    or Q is not orthogonal to working precision; one host sync decides."""
+    failed = torch.zeros((), dtype=torch.bool, device=Y.device)
+    Q = Y
     for _ in range(2):
-        R, info = torch.linalg.cholesky_ex(Y.mT @ Y, upper=True)
-        if bool(info.any()):
-            return None
-        Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y
+        R, info = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
+        failed |= info.any()
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    tolerance = 100 * Y.shape[-1] * torch.finfo(Y.dtype).eps
+    failed |= ~((Q.mT @ Q - eye).abs().amax() <= tolerance)  # NaN compares False
+    return None if bool(failed) else Q
 
 
-def orthonormalize(Y: Tensor) -> Tensor:
+# The orthonormalization that measures fastest on each device type (the parts table of
+# benchmarks/step_time.py --parts; docs/benchmarks.md): LAPACK's Householder QR beats
+# Cholesky QR2 with its check on CPU; on GPUs Cholesky QR2 (matmuls) wins several times over.
+FASTEST_QR = {"cpu": "householder"}
+
+
+def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     """The Q factor of each ``Y``'s QR decomposition (column signs arbitrary).
+
+    ``method``: "householder" (LAPACK/cuSOLVER QR) or "cholesky_qr2"; None picks the fastest
+    for Y's device (:data:`FASTEST_QR`, Cholesky QR2 where not listed).
 
     SOAP's refresh calls this on Y = P·Q_old, whose columns are nearly orthogonal (the warm
     start is close to P's eigenvectors) with norms ≈ eigenvalues. Scaling the columns to unit
     norm leaves Q unchanged and makes Y·D well conditioned, so Cholesky QR (matmuls, a
-    Cholesky and a triangular solve: several times faster than Householder QR, above all on
-    GPUs) is accurate; two passes make Q orthogonal to working precision. Where it breaks
-    down (zero or dependent columns) or Q is not orthogonal, Householder QR takes over.
+    Cholesky and a triangular solve) is accurate; two passes make Q orthogonal to working
+    precision. Where it breaks down (zero or dependent columns) or Q is not orthogonal,
+    Householder QR takes over.
     """
-    tiny = torch.finfo(Y.dtype).tiny
-    scaled = Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny)
-    Q = _cholesky_qr2(scaled)
-    if Q is not None:
-        eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
-        tolerance = 100 * Y.shape[-1] * torch.finfo(Y.dtype).eps
-        if bool(((Q.mT @ Q - eye).abs().amax() <= tolerance) & torch.isfinite(Q).all()):
+    method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr2")
+    if method == "cholesky_qr2":
+        tiny = torch.finfo(Y.dtype).tiny
+        Q = _cholesky_qr2(Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny))
+        if Q is not None:
             return Q
     return _householder_q(Y)
 
 
-def power_qr_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+def power_qr_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One warm-started power-iteration step with QR (SOAP's Algorithm 4).
 
     Returns the new basis and the column order applied to the old one, which the caller must
     apply to any per-coordinate state (Adam's second moment) attached to the old columns.
-    A @ Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted.
+    A @ Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted;
+    pass it as ``AQ`` when it is already computed.
     """
-    _check_finite(A, "power_qr_step")
     # Y = A·Q_sorted is exactly the reference's input to QR. On a rank-deficient factor its
     # null-space columns are round-off; Cholesky QR then breaks down and Householder QR
-    # reproduces the reference's behaviour there too.
-    AQ = A @ Q
+    # reproduces the reference's behaviour there too. A non-finite A gives a non-finite Q,
+    # caught by one check of the result.
+    AQ = A @ Q if AQ is None else AQ
     order = sort_by_rayleigh(AQ, Q)
-    return orthonormalize(_columns(AQ, order)), order
+    basis = orthonormalize(_columns(AQ, order))
+    _check_finite(basis, "power_qr_step")
+    return basis, order
 
 
-def eigh_step(A: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
+def eigh_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact refresh: a fresh eigenbasis, with the old columns matched to it by Rayleigh order."""
-    order = sort_by_rayleigh(A @ Q, Q)
+    order = sort_by_rayleigh(A @ Q if AQ is None else AQ, Q)
     return eigenbasis(A), order
 
 

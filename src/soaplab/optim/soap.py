@@ -21,13 +21,14 @@ param group at each step.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from soaplab.optim import second_moment
+from soaplab.optim import adaptive, second_moment
 from soaplab.optim._checks import (
     check_beta,
     check_betas,
@@ -40,11 +41,13 @@ from soaplab.optim.base import Bucket, KroneckerOptimizer
 from soaplab.optim.kronecker import from_plan_shape, project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
+    drift,
     eigenbasis,
     eigh_step,
     power_qr_step,
 )
 from soaplab.optim.state import resolve_matrix_dtype
+from soaplab.optim.telemetry import RefreshLog
 
 __all__ = ["SOAP"]
 
@@ -70,6 +73,11 @@ class SOAP(KroneckerOptimizer):
         one_sided: rotate only the smallest factored axis (less memory, paper §7).
         factorized: Adafactor's factored second moment in the eigenbasis (paper §7).
         refresh: "qr" (one power step + QR, the reference) or "eigh" (exact eigenbasis).
+        refresh_tolerance: at each scheduled refresh, refresh only the bases whose drift
+            ‖QᵀLQ − diag(QᵀLQ)‖_F / ‖L‖_F is at least this (None or 0: all of them, the
+            reference's fixed schedule; inf: never after the first).
+        refresh_budget: spend on refreshes at most this fraction of the ordinary step's
+            matmul flops on average, most-drifted bases first (None: no budget).
         matrix_dtype: dtype of factors, bases and moments; None = float64 for float64
             parameters, float32 otherwise.
         nonfinite: "raise" (default) on a NaN/Inf gradient before touching state, or "skip".
@@ -89,9 +97,10 @@ class SOAP(KroneckerOptimizer):
                  merge_dims: bool = False, precondition_1d: bool = False,
                  normalize_grads: bool = False, data_format: str = "channels_first",
                  correct_bias: bool = True, *, one_sided: bool = False, factorized: bool = False,
-                 refresh: str = "qr", matrix_dtype: Any = None, nonfinite: str = "raise",
-                 batched: bool | None = None, process_group: Any = None,
-                 **torch_flags: Any) -> None:
+                 refresh: str = "qr", refresh_tolerance: float | None = None,
+                 refresh_budget: float | None = None, matrix_dtype: Any = None,
+                 nonfinite: str = "raise", batched: bool | None = None,
+                 process_group: Any = None, **torch_flags: Any) -> None:
         check_lr(lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
@@ -102,15 +111,40 @@ class SOAP(KroneckerOptimizer):
         check_int("max_precond_dim", max_precond_dim, 0)
         check_choice("data_format", data_format, ("channels_first", "channels_last"))
         check_choice("refresh", refresh, ("qr", "eigh"))
+        for name, value in (("refresh_tolerance", refresh_tolerance),
+                            ("refresh_budget", refresh_budget)):
+            if value is not None:
+                check_nonnegative(name, value)
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                         max_precond_dim=max_precond_dim, merge_dims=merge_dims,
                         precondition_1d=precondition_1d, normalize_grads=normalize_grads,
                         data_format=data_format, correct_bias=correct_bias, one_sided=one_sided,
-                        factorized=factorized, refresh=refresh, batched=batched)
+                        factorized=factorized, refresh=refresh,
+                        refresh_tolerance=refresh_tolerance, refresh_budget=refresh_budget,
+                        batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
                          matrix_dtype=resolve_matrix_dtype(matrix_dtype),
                          process_group=process_group, **torch_flags)
+        self._refresh_log = RefreshLog()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Telemetry and budget credit are keyed by the identity of state dicts, which a copy
+        # changes: a copy starts them afresh (like a checkpoint, which does not carry them).
+        self.__dict__.setdefault("_refresh_log", RefreshLog())
+
+    def refresh_stats(self) -> dict[str, Any]:
+        """Per parameter and factored axis: the drift at the last check, refreshes done and
+        skipped, matrix-function failures and host seconds in the refresh's matrix functions
+        (on CUDA: launch time); then totals of the counts. Since construction, not saved."""
+        named = []
+        for number, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"{number}.{i}" for i in
+                                                  range(len(group["params"]))]
+            named += [(name, self.state[p]) for name, p in zip(names, group["params"],
+                                                                strict=True) if p in self.state]
+        return self._refresh_log.report(named)
 
     def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         return dict(max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
@@ -149,24 +183,87 @@ class SOAP(KroneckerOptimizer):
             bucket.store(f"basis_{axis}", basis)
 
     def _refresh(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        """New bases from the factors; v follows the sorted columns, m is carried exactly."""
+        """New bases for the factors that drifted (all of them on the fixed schedule); v follows
+        the sorted columns, m is carried exactly along the refreshed axes."""
         plan = bucket.plan
+        if not plan.axes:
+            return
+        credit = self._credit(bucket, group)
+        if credit is not None and credit < 0:  # the budget does not cover even the check
+            for s in bucket.states:
+                for axis in plan.axes:
+                    self._refresh_log.axis(s, axis).skipped += 1
+            return
         refresh = eigh_step if group["refresh"] == "eigh" else power_qr_step
         bases = _bases(bucket)
-        moment = project_back(bucket.stack("exp_avg"), bases)
-        v = _second_moment(bucket)
+        start = time.perf_counter()
+        factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
+        products = {axis: factors[axis] @ bases[axis] for axis in plan.axes}
+        drifts = {axis: drift(factors[axis], products[axis], bases[axis]) for axis in plan.axes}
+        rows = self._choose(bucket, group, drifts, credit)
+        checked = (time.perf_counter() - start) / len(plan.axes)
+        new, orders = {}, {}
         for axis in plan.axes:
+            logs = [self._refresh_log.axis(s, axis) for s in bucket.states]
+            chosen = rows.get(axis)  # None: every row
+            start = time.perf_counter()
             try:
-                basis, order = refresh(bucket.stack(f"factor_{axis}"), bases[axis])
+                if chosen is None:
+                    new[axis], orders[axis] = refresh(factors[axis], bases[axis], products[axis])
+                elif chosen:
+                    index = torch.tensor(chosen, device=bases[axis].device)
+                    basis, order = refresh(factors[axis][index], bases[axis][index],
+                                           products[axis][index])
+                    new[axis] = bases[axis].index_copy(0, index, basis)
+                    keep = torch.arange(order.shape[-1], device=order.device)
+                    orders[axis] = keep.expand(len(bucket.states), -1).index_copy(0, index, order)
             except MatrixFunctionError as err:
                 self._matrix_failed(err, f"basis refresh of axis {axis}")
-                continue
+                chosen = []
+                for log in logs:
+                    log.failures += 1
+            seconds = checked + time.perf_counter() - start
+            for row, log in enumerate(logs):
+                done = chosen is None or row in chosen
+                log.refreshes += done
+                log.skipped += not done
+                log.seconds += seconds / len(logs)
+                log.drift = drifts[axis][row]
+        if not new:
+            return
+        moment = project_back(bucket.stack("exp_avg"), {axis: bases[axis] for axis in new})
+        v = _second_moment(bucket)
+        for axis, order in orders.items():
             second_moment.permute(v, order, axis, len(plan.shape))
-            bases[axis] = basis
-        for key, value in {**v, "exp_avg": project(moment, bases)}.items():
+        for key, value in {**v, "exp_avg": project(moment, new)}.items():
             bucket.store(key, value)
-        for axis, basis in bases.items():
+        for axis, basis in new.items():
             bucket.store(f"basis_{axis}", basis)
+
+    def _credit(self, bucket: Bucket, group: dict[str, Any]) -> float | None:
+        """Under ``refresh_budget``: the bucket's flops to spend at this check, after paying
+        for the check itself (negative: skip it); None without a budget."""
+        budget, plan, batch = group["refresh_budget"], bucket.plan, len(bucket.states)
+        if budget is None:
+            return None
+        check = batch * adaptive.check_flops(plan.shape, plan.axes)
+        full = check + batch * sum(adaptive.refresh_flops(plan.shape, k) for k in plan.axes)
+        earned = budget * group["precondition_frequency"] * batch * adaptive.ordinary_flops(
+            plan.shape, plan.axes)
+        credit = min(self._refresh_log.credit.get(id(bucket.states[0]), 0.0) + earned, full)
+        self._refresh_log.credit[id(bucket.states[0])] = credit
+        return credit - check
+
+    def _choose(self, bucket: Bucket, group: dict[str, Any], drifts: dict[int, Tensor],
+                credit: float | None) -> dict[int, list[int] | None]:
+        """Rows to refresh per axis (None: all, with no host sync: the fixed schedule)."""
+        tolerance = group["refresh_tolerance"]
+        if not tolerance and credit is None:
+            return dict.fromkeys(drifts)
+        chosen, credit = adaptive.choose(drifts, tolerance or 0.0, bucket.plan.shape, credit)
+        if credit is not None:
+            self._refresh_log.credit[id(bucket.states[0])] = credit
+        return chosen
 
 
 def _bases(bucket: Bucket) -> dict[int, Tensor]:

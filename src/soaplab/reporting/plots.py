@@ -28,7 +28,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: Path, *,
               xlabel: str, ylabel: str, title: str = "", logy: bool = False,
-              logx: bool = False) -> Path:
+              logx: bool = False, legend: bool = True) -> Path:
     """One line per entry of ``series`` (label -> (xs, ys)), saved as a PNG at ``path``."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, (xs, ys) in series.items():
@@ -46,7 +46,7 @@ def line_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], pat
     if logx:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    if len(series) > 1:
+    if legend and len(series) > 1:
         ax.legend(frameon=False)
     return save_figure(fig, path)
 
