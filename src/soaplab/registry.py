@@ -1,5 +1,8 @@
 """Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
 
+``params`` may also be the model itself: ``muon`` then reads its ``param_roles()`` (which
+parameters are hidden matrices, see ``soaplab.optim.muon``), the others its parameters.
+
 Experiments and the command line name optimizers as strings; this table is the one place that
 maps a name to a constructor and its fixed settings (a variant is a name plus preset kwargs).
 """
@@ -10,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def _soap(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -30,9 +34,16 @@ def _shampoo(**preset: Any) -> Callable[..., torch.optim.Optimizer]:
     return build
 
 
+def _muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.muon import MuonAdamW
+
+    return MuonAdamW(params, **kw)
+
+
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "adafactor": torch.optim.Adafactor,
+    "muon": _muon,
     "shampoo": _shampoo(),
     "shampoo_half": _shampoo(exponent=0.5),
     "soap": _soap(),
@@ -43,10 +54,12 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 # torch's optimizers: no split mode, so under DDP they run replicated.
-REPLICATED = frozenset({"adamw", "adafactor"})
+REPLICATED = frozenset({"adamw", "adafactor", "muon"})
+# optimizers that take the model itself (to read parameter roles) rather than its parameters
+TAKES_MODEL = frozenset({"muon"})
 
 
-def optimizer(name: str, params: Iterable, process_group: Any = None,
+def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None,
               **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable).
 
@@ -54,6 +67,7 @@ def optimizer(name: str, params: Iterable, process_group: Any = None,
     optimizers, which then split their preconditioner work across its ranks (see
     docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
     it: they run replicated, every rank doing the same update on the same all-reduced gradient.
+    So does ``muon`` (torch.optim.Muon and AdamW).
     """
     key = name.strip().lower().replace("-", "_")
     if key not in OPTIMIZERS:
@@ -61,4 +75,6 @@ def optimizer(name: str, params: Iterable, process_group: Any = None,
         raise ValueError(f"unknown optimizer {name!r}; known optimizers: {known}")
     if process_group is not None and key not in REPLICATED:
         kwargs["process_group"] = process_group
+    if isinstance(params, nn.Module) and key not in TAKES_MODEL:
+        params = params.parameters()
     return OPTIMIZERS[key](params, **kwargs)

@@ -79,7 +79,7 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
     torch.manual_seed(cfg.seed)
     task = build_task(task_opts, device)
     model = ddp.wrap(task.model)
-    opt = soaplab.optimizer(cfg.optimizer, task.model.parameters(), process_group=ddp.group(),
+    opt = soaplab.optimizer(cfg.optimizer, task.model, process_group=ddp.group(),
                             lr=cfg.lr, **cfg.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)

@@ -17,11 +17,12 @@ COMMON: dict[str, dict[str, Any]] = {
     "adafactor": {"weight_decay": 0.0},
     "shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "soap": {"betas": (0.95, 0.95), "weight_decay": 0.0},
+    "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
 
 TUNED_LRS: dict[str, dict[str, float]] = {
-    "lm": {"adamw": 3e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2},
-    "colorize": {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2},
+    "lm": {"adamw": 3e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2, "muon": 1e-2},
+    "colorize": {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2, "muon": 1e-2},
 }
 
 
