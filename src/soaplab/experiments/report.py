@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from soaplab.experiments.compare import Run
     from soaplab.experiments.loop import RunResult
 
-COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_loss",
-           "steps_to_target", "seconds_to_target", "train_seconds", "optimizer_share",
-           "state_mb", "diverged"]
+COLUMNS = ["optimizer", "freq", "lr", "seed", "batch_size", "steps", "final_train_loss",
+           "final_val_loss", "steps_to_target", "seconds_to_target", "train_seconds",
+           "optimizer_share", "state_mb", "diverged"]
 
 
 def _eval_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +56,10 @@ def _curves(runs: list[Run], results: dict[str, RunResult], x: str, y: str = "va
 
 
 def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunResult],
-                 rows: list[dict[str, Any]], target: float | None) -> Path:
+                 rows: list[dict[str, Any]], targets: dict[tuple, float],
+                 sections: list[str] = (), extra_figures: list[Path] = ()) -> Path:
+    """``targets``: AdamW's target per cell (batch size, length, seed); ``sections`` and
+    ``extra_figures`` (the sweeps' summaries) go after the table of runs."""
     metric = "cross-entropy (nats/char)" if task == "lm" else "MSE of Lab chrominance"
     figures = [
         plots.line_plot(_curves(runs, results, "step"), out / "val_loss_vs_steps.png",
@@ -71,6 +74,7 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
                         ylabel=f"training {metric}, mean between evaluations", logy=True,
                         title=f"{task}: training loss against steps"),
     ]
+    figures += extra_figures
     examples = _colorization_strip(out, runs, results, rows)
     if examples is not None:
         figures.append(examples)
@@ -80,11 +84,15 @@ def write_report(out: Path, task: str, runs: list[Run], results: dict[str, RunRe
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
                 if env["world_size"] > 1 else "") + ".", "",
-             f"Validation metric: {metric}. Target = AdamW's best final validation loss"
-             + (f" = **{target:.4f}**" if target is not None else " (no AdamW run)")
+             f"Validation metric: {metric}. Target = AdamW's best final validation loss (over "
+             "its lrs, for each seed, batch size and length)"
+             + (f" = **{', '.join(f'{t:.4f}' for t in targets.values())}**" if targets
+                else " (no AdamW run)")
              + "; steps/seconds to target are the first evaluation at or below it "
              "(training time only, evaluations excluded).", "",
-             markdown_table(rows, COLUMNS), ""]
+             markdown_table(rows, [c for c in COLUMNS if any(r.get(c) is not None
+                                                             for r in rows)]), "",
+             *sections]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
