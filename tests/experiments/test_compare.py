@@ -23,7 +23,7 @@ def test_steps_to_target_on_synthetic_curves():
 def test_compare_writes_report_and_plots(tmp_path, task):
     extra = ["--max-chars", "40000"] if task == "lm" else []
     code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3",
-                 "--batch-size", "4", "--optimizers", "adamw,soap", "--freqs", "2,4",
+                 "--batch-size", "4", "--optimizers", "adamw,muon,soap", "--freqs", "2,4",
                  "--threads", "1", "--out", str(tmp_path), "--no-progress", *extra])
     assert code == 0
     report = (tmp_path / "report.md").read_text()
@@ -34,8 +34,9 @@ def test_compare_writes_report_and_plots(tmp_path, task):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config"]["freqs"] == [2, 4]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    adamw, soap = default_lr(task, "adamw"), default_lr(task, "soap")
-    assert runs == [f"adamw-lr{adamw:g}-s0", f"soap-f2-lr{soap:g}-s0", f"soap-f4-lr{soap:g}-s0"]
+    adamw, muon, soap = (default_lr(task, name) for name in ("adamw", "muon", "soap"))
+    assert runs == [f"adamw-lr{adamw:g}-s0", f"muon-lr{muon:g}-s0", f"soap-f2-lr{soap:g}-s0",
+                    f"soap-f4-lr{soap:g}-s0"]
 
 
 def test_compare_rejects_bad_input(capsys):
