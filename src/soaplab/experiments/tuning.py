@@ -4,7 +4,8 @@ The learning rates come from the sweep recorded in docs/experiments.md ("Learnin
 sweep"): each optimizer ran with every lr of the sweep on the default task and size, and the
 lr with the lowest final validation loss is the one below. Rerun the sweep with
 ``soaplab compare lm --optimizers soap --lrs 3e-3,1e-2,3e-2`` (Adafactor, whose lr is a
-relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize.
+relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize. The lm lrs of
+AdamW and Muon come from the 1200-step grids of the same page ("The 1200-step lm budget").
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ COMMON: dict[str, dict[str, Any]] = {
 }
 
 TUNED_LRS: dict[str, dict[str, float]] = {
-    "lm": {"adamw": 3e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2, "muon": 1e-2},
+    "lm": {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2, "muon": 5e-3},
     "colorize": {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2, "muon": 1e-2},
 }
 
