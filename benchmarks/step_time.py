@@ -89,7 +89,13 @@ def draw_grads(shapes: list[Shape], count: int, device: torch.device,
 def builders(heavyball_mode: str) -> dict[str, Builder | str]:
     """Name -> constructor, or -> the reason it is skipped."""
     table: dict[str, Builder | str] = {
-        "adamw": lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True, **COMMON)}
+        "adamw": lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True, **COMMON),
+        # Muon on the blocks' matrices; AdamW on the two embeddings (first in gpt_shapes) and
+        # the vectors
+        "muon": lambda ps: soaplab.optimizer("muon", [
+            {"params": [p for p in ps[2:] if p.dim() == 2], "role": "hidden"},
+            {"params": ps[:2] + [p for p in ps[2:] if p.dim() != 2], "role": "other"}],
+            betas=(0.9, 0.95), **COMMON)}
     for name in SOAPLAB:
         kw = SOAP_KW if name.startswith("soap") else dict(
             precondition_frequency=FREQ, betas=(0.9, 0.95), shampoo_beta=0.95)

@@ -1,5 +1,8 @@
 """Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
 
+``params`` may also be the model itself: ``muon`` then reads its ``param_roles()`` (which
+parameters are hidden matrices, see ``soaplab.optim.muon``), the others its parameters.
+
 Experiments and the command line name optimizers as strings; this table is the one place that
 says what a name means: its constructor, preset kwargs (a variant is a name plus presets), the
 family whose tuned settings it shares, and whether it has a preconditioning frequency to sweep.
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def _soap(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
@@ -27,6 +31,12 @@ def _shampoo(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return Shampoo(params, **kw)
 
 
+def _muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.muon import MuonAdamW
+
+    return MuonAdamW(params, **kw)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered optimizer.
@@ -34,7 +44,8 @@ class Entry:
     ``family`` names the optimizer whose tuned lr and shared settings (experiments/tasks.py,
     experiments/tuning.py) this one uses; ``frequency`` says it takes
     ``precondition_frequency`` (swept by ``--freqs``); ``distributed`` says it accepts a
-    ``process_group`` (torch's optimizers do not: under DDP they run replicated).
+    ``process_group`` (torch's optimizers do not: under DDP they run replicated);
+    ``takes_model`` says it is built from the model itself (see :func:`optimizer`).
     """
 
     build: Callable[..., torch.optim.Optimizer]
@@ -42,6 +53,7 @@ class Entry:
     frequency: bool = False
     distributed: bool = False
     presets: Mapping[str, Any] = field(default_factory=dict)
+    takes_model: bool = False  # reads the model's param_roles() (muon), not its parameters
 
     def __call__(self, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
         return self.build(params, **{**self.presets, **kwargs})
@@ -54,6 +66,7 @@ def _kronecker(build: Callable[..., torch.optim.Optimizer], family: str, **prese
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(torch.optim.AdamW, "adamw"),
     "adafactor": Entry(torch.optim.Adafactor, "adafactor"),
+    "muon": Entry(_muon, "muon", takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
     "soap": _kronecker(_soap, "soap"),
@@ -78,7 +91,7 @@ def entry(name: str) -> Entry:
     return OPTIMIZERS[canonical(name)]
 
 
-def optimizer(name: str, params: Iterable, process_group: Any = None,
+def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None,
               **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable).
 
@@ -86,8 +99,11 @@ def optimizer(name: str, params: Iterable, process_group: Any = None,
     optimizers, which then split their preconditioner work across its ranks (see
     docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
     it: they run replicated, every rank doing the same update on the same all-reduced gradient.
+    So does ``muon`` (torch.optim.Muon and AdamW).
     """
     found = entry(name)
     if process_group is not None and found.distributed:
         kwargs["process_group"] = process_group
+    if isinstance(params, nn.Module) and not found.takes_model:
+        params = params.parameters()
     return found(params, **kwargs)

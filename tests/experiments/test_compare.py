@@ -7,6 +7,7 @@ import pytest
 from soaplab.cli import main
 from soaplab.experiments.compare import steps_to_target
 from soaplab.experiments.report import _target_text
+from soaplab.experiments.sweeps import crossovers, summary
 from soaplab.experiments.tuning import default_lr, optimizer_kwargs, uses_frequency
 
 
@@ -23,7 +24,7 @@ def test_steps_to_target_on_synthetic_curves():
 def test_compare_writes_report_and_plots(tmp_path, task):
     extra = ["--max-chars", "40000"] if task == "lm" else []
     code = main(["compare", task, "--size", "micro", "--steps", "6", "--eval-every", "3",
-                 "--batch-size", "4", "--optimizers", "adamw,soap", "--freqs", "2,4",
+                 "--batch-size", "4", "--optimizers", "adamw,muon,soap", "--freqs", "2,4",
                  "--threads", "1", "--out", str(tmp_path), "--no-progress", *extra])
     assert code == 0
     report = (tmp_path / "report.md").read_text()
@@ -35,8 +36,9 @@ def test_compare_writes_report_and_plots(tmp_path, task):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config"]["freqs"] == [2, 4]
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    adamw, soap = default_lr(task, "adamw"), default_lr(task, "soap")
-    assert runs == [f"adamw-lr{adamw:g}-s0", f"soap-f2-lr{soap:g}-s0", f"soap-f4-lr{soap:g}-s0"]
+    adamw, muon, soap = (default_lr(task, name) for name in ("adamw", "muon", "soap"))
+    assert runs == [f"adamw-lr{adamw:g}-s0", f"muon-lr{muon:g}-s0", f"soap-f2-lr{soap:g}-s0",
+                    f"soap-f4-lr{soap:g}-s0"]
 
 
 def test_compare_rejects_bad_input(capsys):
@@ -56,9 +58,9 @@ def test_compare_rejects_bad_input(capsys):
 
 
 def test_target_line_tells_a_diverged_adamw_from_a_missing_one():
-    assert _target_text([{"optimizer": "soap"}], None) == " (none: no AdamW run)"
-    assert _target_text([{"optimizer": "adamw"}], None) == " (none: AdamW diverged at every lr)"
-    assert _target_text([{"optimizer": "adamw"}], 2.5) == " = **2.5000**"
+    assert _target_text([{"optimizer": "soap"}], {}) == " (none: no AdamW run)"
+    assert _target_text([{"optimizer": "adamw"}], {}) == " (none: AdamW diverged at every lr)"
+    assert _target_text([{"optimizer": "adamw"}], {(None, None, 0): 2.5}) == " = **2.5000**"
 
 
 def test_variants_use_their_familys_tuned_lr_and_settings():
@@ -66,3 +68,39 @@ def test_variants_use_their_familys_tuned_lr_and_settings():
     assert optimizer_kwargs("shampoo-half", 5) == {"betas": (0.95, 0.95), "weight_decay": 0.0,
                                                    "precondition_frequency": 5}
     assert uses_frequency("soap_eigh") and not uses_frequency("adafactor")
+
+
+def test_compare_sweeps_batch_sizes_and_summarizes_seeds(tmp_path):
+    code = main(["compare", "lm", "--size", "micro", "--steps", "30", "--optimizers",
+                 "adamw,muon,soap", "--batch-sizes", "8,16", "--seeds", "0,1", "--eval-every",
+                 "5", "--max-chars", "40000", "--threads", "1", "--out", str(tmp_path),
+                 "--no-progress"])
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Summary at each optimizer's best lr" in report and "## Batch size" in report
+    assert "same number of **steps**" in report
+    summary = report.split("## Summary")[1].split("## Batch size")[0]
+    for curve in ("adamw", "muon", "soap"):
+        for batch in (8, 16):  # one row per curve and batch size, over both seeds
+            assert summary.count(f"| {curve} | {batch} |") == 1
+    assert summary.count(" ± ") >= 6  # final loss mean ± spread of each of the 6 rows
+    for png in ("steps_ratio_vs_batch_size.png", "time_ratio_vs_batch_size.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+    assert len(list((tmp_path / "runs").iterdir())) == 12
+
+
+def test_seed_summary_takes_mean_and_spread_at_the_best_lr():
+    def row(opt, lr, seed, final, steps):
+        return {"optimizer": opt, "freq": None, "lr": lr, "seed": seed, "batch_size": None,
+                "steps": None, "tokens_per_param": 1.0, "final_val_loss": final,
+                "diverged": False, "steps_to_target": steps,
+                "seconds_to_target": steps and steps / 10}
+    rows = [row("adamw", 1e-3, 0, 2.0, 100), row("adamw", 1e-3, 1, 2.2, 100),
+            row("soap", 1e-3, 0, 1.8, 50), row("soap", 1e-3, 1, 1.9, 70),
+            row("soap", 1e-2, 0, 2.5, None), row("soap", 1e-2, 1, 2.6, None)]
+    soap = next(r for r in summary(rows) if r["curve"] == "soap")
+    assert soap["lr"] == 1e-3 and soap["seeds"] == 2
+    assert soap["final_val_loss"] == "1.850 ± 0.071"
+    assert soap["steps_ratio"] == "0.600 ± 0.141"
+    assert crossovers({"a": ([1, 10, 100], [0.8, 0.9, 1.2])}) == [
+        "- a: crosses 1 between 10 and 100 tokens/parameter"]

@@ -81,7 +81,7 @@ def copy(tmp_path):
 
 
 def test_a_run_folder_holds_manifest_config_summary_and_report(lm):
-    assert [p.name for p in (lm / "runs").iterdir()] == ["adamw-lr0.003-s0"]  # trained once
+    assert [p.name for p in (lm / "runs").iterdir()] == ["adamw-lr0.004-s0"]  # trained once
     manifest = json.loads((lm / "manifest.json").read_text())
     assert (manifest["command"], manifest["task"], manifest["torch"]) == \
         ("compare", "lm", torch.__version__)
@@ -89,7 +89,7 @@ def test_a_run_folder_holds_manifest_config_summary_and_report(lm):
     assert manifest["settings"]["train"]["steps"] == 4
     config = json.loads((lm / "config.json").read_text())["config"]
     assert "optimizer" not in config["train"] and config["optimizers"] == ["adamw"]
-    summary = json.loads((lm / "runs" / "adamw-lr0.003-s0" / "summary.json").read_text())
+    summary = json.loads((lm / "runs" / "adamw-lr0.004-s0" / "summary.json").read_text())
     assert [p["step"] for p in summary["evals"]] == [2, 4] and summary["steps"] == 4
     report = (lm / "report.md").read_text()
     assert "1 thread," in report and f"| {summary['evals'][-1]['val_loss']:.4g} |" in report
@@ -179,7 +179,7 @@ def test_ctrl_c_then_torn_metrics_line_then_resume(tmp_path):
              "--no-progress", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "soaplab", *flags], env=environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "runs" / "adamw-lr0.003-s0" / "metrics.jsonl"
+    metrics = out / "runs" / "adamw-lr0.004-s0" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 12):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -210,7 +210,7 @@ class Planted:
 
 def test_planted_pickle_in_a_checkpoint_is_refused(lm, copy, tmp_path):
     out = copy(lm)
-    run = out / "runs" / "adamw-lr0.003-s0"
+    run = out / "runs" / "adamw-lr0.004-s0"
     (run / "summary.json").unlink()  # unfinished, so --resume loads its checkpoint
     marker = tmp_path / "pwned"
     torch.save({"step": 2, "model": Planted(marker)}, run / "checkpoint.pt")

@@ -1,7 +1,9 @@
-"""Compare optimizers on one task: optimizers × frequencies × lrs × seeds -> one run folder.
+"""Compare optimizers on one task: optimizers × frequencies × lrs × seeds (× batch sizes ×
+training lengths) -> one run folder.
 
 The headline measure is the SOAP paper's: how many steps (and seconds of training) each
-optimizer needs to reach the final validation loss of AdamW run for the full budget.
+optimizer needs to reach the final validation loss of AdamW run for the full budget. The
+target is AdamW's (best lr's) final loss in the same cell: same seed, batch size and length.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from soaplab import torchrun
-from soaplab.experiments import tuning
+from soaplab.experiments import sweeps, tuning
 from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
-from soaplab.experiments.tasks import TaskOptions, spec
+from soaplab.experiments.tasks import TaskOptions, build_task, spec
 from soaplab.reporting.manifest import manifest, prepare
 from soaplab.reporting.runs import read_config, write_config
 
@@ -27,11 +31,12 @@ PER_RUN = ("optimizer", "optimizer_kwargs", "lr", "seed")
 class CompareConfig:
     task: TaskOptions = field(default_factory=TaskOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
-    optimizers: list[str] = field(default_factory=lambda: ["adamw", "adafactor", "shampoo",
-                                                           "soap"])
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon", "soap"])
     freqs: list[int] | None = None
     lrs: list[float] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    batch_sizes: list[int] | None = None  # a batch-size sweep (steps held fixed)
+    lengths: list[int] | None = None  # a training-length sweep: step budgets
     out: Path = Path("runs/compare")
     resume: bool = False
     overwrite: bool = False
@@ -42,7 +47,7 @@ class CompareConfig:
         return {"task": asdict(self.task),
                 "train": {k: v for k, v in train.items() if k not in PER_RUN},
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
-                "seeds": self.seeds}
+                "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths}
 
 
 @dataclass
@@ -51,16 +56,26 @@ class Run:
     freq: int | None
     lr: float
     seed: int
+    batch_size: int | None = None  # None: the task's
+    steps: int | None = None  # None: the training config's
 
     @property
     def label(self) -> str:
         freq = f"-f{self.freq}" if self.freq is not None else ""
-        return f"{self.optimizer}{freq}-lr{self.lr:g}-s{self.seed}"
+        batch = f"-b{self.batch_size}" if self.batch_size is not None else ""
+        steps = f"-n{self.steps}" if self.steps is not None else ""
+        return f"{self.optimizer}{freq}-lr{self.lr:g}{batch}{steps}-s{self.seed}"
+
+    @property
+    def cell(self) -> tuple[int | None, int | None, int]:
+        """The runs that share one AdamW target: same batch size, length and seed."""
+        return self.batch_size, self.steps, self.seed
 
     @property
     def curve(self) -> str:
         """Legend label: the runs that one line stands for."""
-        return self.optimizer + (f" f={self.freq}" if self.freq is not None else "")
+        return self.optimizer + "".join(f" {k}={v}" for k, v in (
+            ("f", self.freq), ("b", self.batch_size), ("n", self.steps)) if v is not None)
 
 
 def plan_runs(cfg: CompareConfig) -> list[Run]:
@@ -68,7 +83,9 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     for name in cfg.optimizers:
         freqs = cfg.freqs if cfg.freqs and tuning.uses_frequency(name) else [None]
         lrs = cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
-        runs += [Run(name, f, lr, s) for f in freqs for lr in lrs for s in cfg.seeds]
+        runs += [Run(name, f, lr, s, b, n) for f in freqs for lr in lrs
+                 for b in cfg.batch_sizes or [None] for n in cfg.lengths or [None]
+                 for s in cfg.seeds]
     return runs
 
 
@@ -86,7 +103,8 @@ def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, An
     s = result.summary
     evals, total = s["evals"], s["train_seconds"]
     row = {"run": run.label, "curve": run.curve, "optimizer": run.optimizer, "freq": run.freq,
-           "lr": run.lr, "seed": run.seed, "final_train_loss": s["final_train_loss"],
+           "lr": run.lr, "seed": run.seed, "batch_size": run.batch_size, "steps": run.steps,
+           "final_train_loss": s["final_train_loss"],
            "final_val_loss": evals[-1]["val_loss"] if evals else None,
            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
            "train_seconds": total,
@@ -115,21 +133,49 @@ def compare(cfg: CompareConfig) -> Path:
     results: dict[str, RunResult] = {}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label}", flush=True)
-        train_cfg = replace(cfg.train, optimizer=run.optimizer, lr=run.lr, seed=run.seed,
-                            optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq))
-        results[run.label] = train(cfg.task, train_cfg, cfg.out / "runs" / run.label,
-                                   resume=cfg.resume)
+        results[run.label] = train(_task(cfg, run), _train(cfg, run),
+                                   cfg.out / "runs" / run.label, resume=cfg.resume)
     if not torchrun.is_main():
         return cfg.out / "report.md"
-    target = _adamw_target(runs, results)
-    rows = [summarize(run, results[run.label], target) for run in runs]
+    targets = _adamw_targets(runs, results)
+    rows = [summarize(run, results[run.label], targets.get(run.cell)) for run in runs]
+    per_example = _tokens_per_param_per_example(cfg.task)
+    for row, run in zip(rows, runs, strict=True):
+        row["tokens_per_param"] = _train(cfg, run).steps * _task(cfg, run).batch_size * per_example
+    sections, figures = sweeps.sections(rows, cfg.out, len(cfg.seeds) > 1,
+                                        bool(cfg.batch_sizes), bool(cfg.lengths))
     environment = read_config(cfg.out)["environment"]  # where the comparison began
-    return write_report(cfg.out, cfg.task.task, rows, results, target, environment)
+    return write_report(cfg.out, cfg.task.task, rows, results, targets, environment, sections,
+                        figures)
 
 
-def _adamw_target(runs: list[Run], results: dict[str, RunResult]) -> float | None:
-    """AdamW's best final validation loss over its lrs and seeds (the paper's target)."""
-    finals = [s["evals"][-1]["val_loss"] for run in runs if run.optimizer == "adamw"
-              for s in [results[run.label].summary] if not s["diverged"] and s["evals"]]
-    return min(finals) if finals else None
+def _task(cfg: CompareConfig, run: Run) -> TaskOptions:
+    return cfg.task if run.batch_size is None else replace(cfg.task, batch_size=run.batch_size)
 
+
+def _train(cfg: CompareConfig, run: Run) -> TrainConfig:
+    length = {} if run.steps is None else {"steps": run.steps,
+                                           "warmup": min(cfg.train.warmup, run.steps)}
+    return replace(cfg.train, optimizer=run.optimizer, lr=run.lr, seed=run.seed,
+                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq), **length)
+
+
+def _tokens_per_param_per_example(task: TaskOptions) -> float:
+    """Tokens of one example (characters of a sequence for lm, pixels of a patch for
+    colorize) over the model's parameter count."""
+    probe = build_task(replace(task, batch_size=1), torch.device("cpu"))
+    tokens = probe.sample(torch.Generator().manual_seed(0))[0].numel()
+    return tokens / sum(p.numel() for p in probe.model.parameters())
+
+
+def _adamw_targets(runs: list[Run], results: dict[str, RunResult]
+                   ) -> dict[tuple[int | None, int | None, int], float]:
+    """Per cell (batch size, length, seed): AdamW's best final validation loss over its lrs
+    (the paper's target)."""
+    targets: dict[tuple[int | None, int | None, int], float] = {}
+    for run in runs:
+        s = results[run.label].summary
+        if run.optimizer == "adamw" and not s["diverged"] and s["evals"]:
+            final = s["evals"][-1]["val_loss"]
+            targets[run.cell] = min(final, targets.get(run.cell, final))
+    return targets

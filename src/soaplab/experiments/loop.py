@@ -93,8 +93,8 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
     torch.manual_seed(cfg.seed)
     task = build_task(task_opts, device)
     model = torchrun.wrap(task.model)
-    opt = soaplab.optimizer(cfg.optimizer, task.model.parameters(),
-                            process_group=torchrun.group(), lr=cfg.lr, **cfg.optimizer_kwargs)
+    opt = soaplab.optimizer(cfg.optimizer, task.model, process_group=torchrun.group(),
+                            lr=cfg.lr, **cfg.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     main = torchrun.is_main()

@@ -16,9 +16,9 @@ from soaplab.reporting import plots
 from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
 
-COLUMNS = ["optimizer", "freq", "lr", "seed", "final_train_loss", "final_val_loss",
-           "steps_to_target", "seconds_to_target", "train_seconds", "optimizer_share",
-           "state_mb", "diverged"]
+COLUMNS = ["optimizer", "freq", "lr", "seed", "batch_size", "steps", "final_train_loss",
+           "final_val_loss", "steps_to_target", "seconds_to_target", "train_seconds",
+           "optimizer_share", "state_mb", "diverged"]
 
 
 def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"
@@ -59,20 +59,23 @@ def _drift_curves(rows: list[dict[str, Any]]
     return None
 
 
-def _target_text(rows: list[dict[str, Any]], target: float | None) -> str:
-    if target is not None:
-        return f" = **{target:.4f}**"
+def _target_text(rows: list[dict[str, Any]], targets: dict[tuple, float]) -> str:
+    if targets:
+        return f" = **{', '.join(f'{t:.4f}' for t in targets.values())}**"
     if any(r["optimizer"] == "adamw" for r in rows):
         return " (none: AdamW diverged at every lr)"
     return " (none: no AdamW run)"
 
 
 def write_report(out: Path, task: str, rows: list[dict[str, Any]],
-                 results: dict[str, RunResult], target: float | None,
-                 env: dict[str, Any]) -> Path:
+                 results: dict[str, RunResult], targets: dict[tuple, float],
+                 env: dict[str, Any], sections: list[str] = (),
+                 extra_figures: list[Path] = ()) -> Path:
     """``rows`` come from ``compare.summarize``; ``results`` give the trained models (None
-    for runs read back from their summaries) for the colorization strip; ``env`` is the
-    machine the comparison ran on (``reporting.runs.environment``)."""
+    for runs read back from their summaries) for the colorization strip; ``targets`` are
+    AdamW's per cell (batch size, length, seed); ``env`` is the machine the comparison ran on
+    (``reporting.runs.environment``); ``sections`` and ``extra_figures`` (the sweeps'
+    summaries) go after the table of runs."""
     metric = spec(task).metric
     figures = [
         plots.line_plot(_curves(rows, "step"), out / "val_loss_vs_steps.png",
@@ -87,6 +90,7 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
                         ylabel=f"training {metric}\n(mean between evaluations)", logy=True,
                         title=f"{task}: training loss against steps"),
     ]
+    figures += extra_figures
     drift = _drift_curves(rows)
     if drift is not None:
         figures.append(plots.line_plot(drift[1], out / "drift.png", xlabel="step",
@@ -103,11 +107,13 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
                 if env.get("world_size", 1) > 1 else "") + ".", "",
-             f"Validation metric: {metric}. Target = AdamW's best final validation loss"
-             + _target_text(rows, target)
+             f"Validation metric: {metric}. Target = AdamW's best final validation loss (over "
+             "its lrs, for each seed, batch size and length)" + _target_text(rows, targets)
              + "; steps/seconds to target are the first evaluation at or below it "
              "(training time only, evaluations excluded).", "",
-             markdown_table(rows, COLUMNS), ""]
+             markdown_table(rows, [c for c in COLUMNS if any(r.get(c) is not None
+                                                             for r in rows)]), "",
+             *sections]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     return atomic_write(out / "report.md", "\n".join(lines) + "\n")
 

@@ -5,8 +5,10 @@ the sweep recorded in docs/experiments.md ("Learning-rate sweep"): each optimize
 every lr of the sweep on the default task and size, and the lr with the lowest final
 validation loss is the one kept. Rerun the sweep with
 ``soaplab compare lm --optimizers soap --lrs 3e-3,1e-2,3e-2`` (Adafactor, whose lr is a
-relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize. A variant
-(``soap_factorized``) uses its family's (``soap``) lr and settings; see soaplab/registry.py.
+relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize. The lm lrs of
+AdamW and Muon come from the 1200-step grids of the same page ("The 1200-step lm budget"). A
+variant (``soap_factorized``) uses its family's (``soap``) lr and settings; see
+soaplab/registry.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ COMMON: dict[str, dict[str, Any]] = {
     "adafactor": {"weight_decay": 0.0},
     "shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "soap": {"betas": (0.95, 0.95), "weight_decay": 0.0},
+    "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
 UNTUNED_LR = 3e-3  # for a family no sweep has tuned yet
 

@@ -22,6 +22,16 @@ class Colorizer(nn.Module):
         self.up2, self.up1 = _conv(6 * w, 2 * w), _conv(3 * w, w)
         self.out = nn.Conv2d(w, 2, 1)
 
+    def param_roles(self) -> dict[str, str]:
+        """Each parameter's role (see ``soaplab.optim.muon``): the 3x3 kernels between hidden
+        layers are the hidden matrices; the first kernel (from the grey input), the output
+        layer and the biases are not."""
+        def role(name: str) -> str:
+            if name.endswith("bias"):
+                return "vector"
+            return {"down1.0.weight": "input", "out.weight": "head"}.get(name, "hidden")
+        return {name: role(name) for name, _ in self.named_parameters()}
+
     def forward(self, luminance: torch.Tensor) -> torch.Tensor:
         if luminance.dim() != 4 or luminance.shape[1] != 1 or luminance.shape[-1] % 4:
             raise ValueError(f"expected (B, 1, H, W) with H, W divisible by 4, got "

@@ -85,6 +85,16 @@ class GPT(nn.Module):
             if name.endswith("proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
+    def param_roles(self) -> dict[str, str]:
+        """Each parameter's role (see ``soaplab.optim.muon``): the blocks' linear weights are
+        the hidden matrices; the tied embedding/head, position embedding and LayerNorms are
+        not."""
+        def role(name: str) -> str:
+            if name.startswith("blocks.") and name.endswith(".weight") and ".ln_" not in name:
+                return "hidden"
+            return "embedding" if name.startswith(("wte.", "wpe.")) else "vector"
+        return {name: role(name) for name, _ in self.named_parameters()}
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
