@@ -139,7 +139,7 @@ TASKS: dict[str, TaskSpec] = {
     "lm": TaskSpec(
         "character-level Shakespeare with a nanoGPT", "cross-entropy (nats/char)",
         _language_model, _load_corpus,
-        {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 1e-2, "muon": 5e-3},
+        {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 5e-3, "muon": 5e-3},
         (("--text", {"default": None, "help": "train on this text file instead"}),
          ("--max-chars", {"type": int, "default": None,
                           "help": "use only the first N characters of the corpus"})),
