@@ -80,3 +80,13 @@ class TwoBlobs:
             losses.append(torch.nn.functional.binary_cross_entropy_with_logits(
                 model(self.x), self.y).item())
         return losses
+
+
+def step_both(a: torch.optim.Optimizer, ps: list[torch.Tensor], b: torch.optim.Optimizer,
+              qs: list[torch.Tensor], steps: list[list[torch.Tensor]]) -> None:
+    """Step two optimizers side by side on the same gradients (copies of each)."""
+    for step in steps:
+        for p, q, g in zip(ps, qs, step, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()

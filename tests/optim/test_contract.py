@@ -10,6 +10,8 @@ import soaplab
 from soaplab import SOAP, Shampoo
 from soaplab.optim import matrix_functions
 
+from .problems import step_both
+
 OPTIMIZERS = {
     "soap": lambda ps, **kw: SOAP(ps, precondition_frequency=2, **kw),
     "soap_factorized_one_sided": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
@@ -218,11 +220,7 @@ def test_state_dict_round_trip_is_bitwise_and_keeps_fp32_matrices(make, dtype):
     resumed.load_state_dict(saved)
     matrices = [v for k, v in resumed.state[qs[0]].items() if k.startswith(("factor", "basis"))]
     assert matrices and all(m.dtype == torch.float32 for m in matrices)
-    for gs in grads[4:]:
-        for p, q, g in zip(ps, qs, gs, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        resumed.step()
+    step_both(opt, ps, resumed, qs, grads[4:])
     assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
 
 

@@ -15,7 +15,7 @@ import torch
 import soaplab
 from soaplab import SOAP, Shampoo
 
-from .problems import TwoBlobs
+from .problems import TwoBlobs, step_both
 
 VARIANTS = {
     "soap": lambda ps, **kw: SOAP(ps, precondition_frequency=2, **kw),
@@ -142,11 +142,7 @@ def test_factor_plan_follows_the_loaded_param_groups(saved_kwargs):
     plain = SOAP(qs)  # built with the defaults
     plain.load_state_dict(opt.state_dict())
     assert all(plain.param_groups[0][k] == v for k, v in saved_kwargs.items())
-    for step in gs[3:]:
-        for p, q, g in zip(ps, qs, step, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        plain.step()
+    step_both(opt, ps, plain, qs, gs[3:])
     assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
 
 
@@ -311,11 +307,7 @@ def test_maximize_without_preconditioning_is_adamw_maximize():
                             maximize=True)
     gs = grads(6, torch.float64)
     run(opt, ps, gs[:1])  # SOAP's first call only builds statistics
-    for step in gs[1:]:
-        for p, q, g in zip(ps, qs, step, strict=True):
-            p.grad, q.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+    step_both(opt, ps, ref, qs, gs[1:])
     # SOAP decays after the update, AdamW before it: the same to first order in lr·wd.
     for p, q in zip(ps, qs, strict=True):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
