@@ -7,7 +7,7 @@ Run (CPU; one line per τ and seed, then the mean over seeds)::
 Every run trains the default lm task (tiny GPT, tuned SOAP lr and settings of ``soaplab compare
 lm``) with ``SOAP(..., refresh_tolerance=τ)``. τ = 0 is the fixed schedule (``soap``), τ = inf
 keeps the first bases. Reported: final validation loss, training seconds, and the bases
-refreshed and skipped over the run (from ``opt.refresh_stats()``, in the last metrics record).
+refreshed and skipped over the run (from ``opt.refresh_stats()``, kept in the run's summary).
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def main() -> None:
                               steps=args.steps, seed=seed, progress=False)
             with tempfile.TemporaryDirectory() as folder:
                 result = train(TaskOptions(), cfg, Path(folder))
-            last = result.records[-1]
-            stats = last["refresh_stats"]
-            rows.append((last["val_loss"], last["train_time"], stats["refreshes"],
-                         stats["skipped"]))
+            summary = result.summary
+            stats = summary["refreshes"]
+            rows.append((summary["evals"][-1]["val_loss"], summary["train_seconds"],
+                         stats["refreshes"], stats["skipped"]))
             print(f"| {tau:g} | {seed} | {rows[-1][0]:.4f} | {rows[-1][1]:.1f} | "
                   f"{rows[-1][2]} | {rows[-1][3]} |", flush=True)
         if len(rows) > 1:

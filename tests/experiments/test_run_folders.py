@@ -236,3 +236,18 @@ def test_version_and_python_m():
     result = soaplab("--version")
     assert result.returncode == 0 and result.stdout.strip() == \
         f"soaplab {__import__('soaplab').__version__} (torch {torch.__version__})"
+
+
+def test_reuse_copies_finished_runs_only_under_identical_settings(lm, tmp_path):
+    (label,) = {p.name for p in (lm / "runs").iterdir()}
+    same = soaplab(*LM, "--reuse", str(lm), "--out", str(tmp_path / "same"), "--no-progress")
+    assert same.returncode == 0, same.stderr
+    assert f"reused from {lm / 'runs' / label}" in same.stdout
+    copied = tmp_path / "same" / "runs" / label / "summary.json"
+    assert copied.read_bytes() == (lm / "runs" / label / "summary.json").read_bytes()
+    longer = soaplab(*LM, "--steps", "6", "--reuse", str(lm), "--out", str(tmp_path / "longer"),
+                     "--no-progress")
+    assert longer.returncode == 0, longer.stderr
+    assert "not reused: cannot resume" in longer.stdout and "other settings" in longer.stdout
+    trained = json.loads((tmp_path / "longer" / "runs" / label / "summary.json").read_text())
+    assert trained["evals"][-1]["step"] == 6

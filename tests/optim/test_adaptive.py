@@ -102,12 +102,12 @@ def test_budget_zero_never_refreshes_and_a_large_budget_refreshes_all():
 
 
 def test_budget_spends_on_the_most_drifted_basis_first():
-    # Two equal-shape parameters share a bucket; a budget that earns the check plus one
-    # refresh per check (frequency 2, batch 2) goes to the basis with the largest drift.
+    # Two equal-shape parameters share a bucket; a budget that earns one refresh per check
+    # (frequency 2, batch 2) goes to the basis with the largest drift.
     from soaplab.optim import adaptive
 
     shape = (5, 5)
-    earned = 2 * adaptive.check_flops(shape, (0, 1)) + adaptive.refresh_flops(shape, 0)
+    earned = adaptive.refresh_flops(shape, 0)
     budget = (1 + 1e-9) * earned / (2 * 2 * adaptive.ordinary_flops(shape, (0, 1)))
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(shape, generator=gen)) for _ in range(2)]
@@ -125,6 +125,44 @@ def test_budget_spends_on_the_most_drifted_basis_first():
         changed = [(i, key) for (i, key) in drifts
                    if not torch.equal(opt.state[ps[i]][key], before[i][key])]
         assert changed == [max(drifts, key=drifts.get)]
+
+
+@pytest.mark.parametrize("frequency", [1, 3])
+def test_tracked_diagonals_give_the_dense_drift_at_every_step(frequency):
+    # diag(QᵀLQ), tracked from the rotated gradients alone, is the dense float64 product's
+    # diagonal at every step, across refreshes, for matrices and a 3-D tensor alike.
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = SOAP(ps, precondition_frequency=frequency, refresh_tolerance=0.3, betas=(0.9, 0.8))
+    refreshed = 0
+    for _ in range(12):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * torch.rand((), generator=gen) * 4
+        opt.step()
+        for p in ps[:3]:
+            state = opt.state[p]
+            for axis in (k for k in range(p.dim()) if f"diagonal_{k}" in state):
+                factor, basis = state[f"factor_{axis}"], state[f"basis_{axis}"]
+                torch.testing.assert_close(state[f"diagonal_{axis}"],
+                                           (basis.T @ factor @ basis).diagonal(),
+                                           rtol=1e-10, atol=1e-12)
+        refreshed = opt.refresh_stats()["refreshes"]
+    assert refreshed > 0 and opt.refresh_stats()["skipped"] > 0
+
+
+def test_switching_adaptive_refresh_on_starts_the_diagonals_exactly():
+    ps, opt = run(4)
+    assert not any(k.startswith("diagonal_") for k in opt.state[ps[0]])
+    for group in opt.param_groups:
+        group["refresh_tolerance"] = 0.3
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    state = opt.state[ps[0]]
+    rotated = state["basis_0"].T @ state["factor_0"] @ state["basis_0"]
+    torch.testing.assert_close(state["diagonal_0"], rotated.diagonal(), rtol=1e-10, atol=1e-12)
 
 
 def test_bad_tolerance_is_a_clear_error():

@@ -82,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "others continue from their checkpoints")
         p.add_argument("--overwrite", action="store_true",
                        help="move a non-empty --out aside (to <out>.old-<time>) and start afresh")
+        p.add_argument("--reuse", type=Path, action="append", default=[], metavar="FOLDER",
+                       help="copy finished runs from this earlier comparison's folder instead "
+                            "of training them, where their settings are identical (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         for flag, kwargs in spec.flags:
             p.add_argument(flag, **kwargs)
@@ -133,5 +136,5 @@ def _config(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
                          lrs=args.lrs, seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
-                         resume=args.resume or torchrun.restarted(),
+                         resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())

@@ -19,9 +19,10 @@ from soaplab import torchrun
 from soaplab.experiments import sweeps, tuning
 from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
+from soaplab.experiments.run_folder import RunFolder
 from soaplab.experiments.tasks import TaskOptions, build_task, spec
 from soaplab.reporting.manifest import manifest, prepare
-from soaplab.reporting.runs import read_config, write_config
+from soaplab.reporting.runs import atomic_write, read_config, write_config
 
 # TrainConfig fields that each run sets for itself (the rest are shared by the comparison).
 PER_RUN = ("optimizer", "optimizer_kwargs", "lr", "seed")
@@ -40,6 +41,7 @@ class CompareConfig:
     out: Path = Path("runs/compare")
     resume: bool = False
     overwrite: bool = False
+    reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -133,8 +135,9 @@ def compare(cfg: CompareConfig) -> Path:
     results: dict[str, RunResult] = {}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label}", flush=True)
+        reused = torchrun.from_main(lambda run=run: _reuse(cfg, run))
         results[run.label] = train(_task(cfg, run), _train(cfg, run),
-                                   cfg.out / "runs" / run.label, resume=cfg.resume)
+                                   cfg.out / "runs" / run.label, resume=cfg.resume or reused)
     if not torchrun.is_main():
         return cfg.out / "report.md"
     targets = _adamw_targets(runs, results)
@@ -147,6 +150,28 @@ def compare(cfg: CompareConfig) -> Path:
     environment = read_config(cfg.out)["environment"]  # where the comparison began
     return write_report(cfg.out, cfg.task.task, rows, results, targets, environment, sections,
                         figures)
+
+
+def _reuse(cfg: CompareConfig, run: Run) -> bool:
+    """Copy ``run``'s finished folder from a ``--reuse`` folder into ``cfg.out``, if one holds
+    it under exactly this run's settings (checked as ``--resume`` checks them); True if so."""
+    target = cfg.out / "runs" / run.label
+    if (target / "summary.json").is_file():
+        return False
+    settings = run_settings(_task(cfg, run), _train(cfg, run))
+    for folder in cfg.reuse:
+        source = RunFolder(folder / "runs" / run.label, settings)
+        try:
+            if source.summary.is_file() and source.read() is not None:
+                target.mkdir(parents=True, exist_ok=True)
+                for name in ("config.json", "summary.json"):
+                    if (source.path / name).is_file():
+                        atomic_write(target / name, (source.path / name).read_bytes())
+                print(f"  reused from {source.path}", flush=True)
+                return True
+        except ValueError as err:
+            print(f"  not reused: {err}", flush=True)
+    return False
 
 
 def _task(cfg: CompareConfig, run: Run) -> TaskOptions:

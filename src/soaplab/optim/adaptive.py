@@ -1,17 +1,22 @@
 """Which bases to refresh at a scheduled check: those that drifted, within a compute budget.
 
 A basis Q of factor A has drifted by ‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F (the criterion of
-"Purifying Shampoo", arXiv 2506.03595), read for free from the power step's product A·Q
-(``matrix_functions.drift``). With a tolerance τ, every basis whose drift reaches τ is refreshed
-(τ = 0 refreshes all of them: the fixed schedule). With a budget b, a bucket earns b times its
-ordinary step's matmul flops per step and spends them on the most-drifted bases first.
+"Purifying Shampoo", arXiv 2506.03595). Checking it needs no matmul: ‖QᵀAQ‖_F = ‖A‖_F for
+orthogonal Q, and diag(QᵀAQ) is tracked step by step from the rotated gradient that Adam uses
+anyway (:func:`track_diagonals`), so a check costs O(d²) and can run at every step. With a
+tolerance τ, every basis whose drift reaches τ is refreshed (τ = 0 refreshes all of them: the
+fixed schedule). With a budget b, a bucket earns b times its ordinary step's matmul flops per
+step and spends them on the most-drifted bases first.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
+
+from soaplab.optim.kronecker import gram_diagonal
 
 # Cost of one orthonormalization of a d×d basis in matmul-equivalent flops per d³: LAPACK's
 # Householder QR takes about 3.5 times the power step's 2d³-flop product A·Q on CPU
@@ -26,16 +31,29 @@ def ordinary_flops(shape: tuple[int, ...], axes: tuple[int, ...]) -> float:
     return float(sum(6 * shape[k] * numel for k in axes))
 
 
-def check_flops(shape: tuple[int, ...], axes: tuple[int, ...]) -> float:
-    """Flops of a check: the power step's product A·Q for every factor (2d³ each)."""
-    return float(sum(2 * shape[k] ** 3 for k in axes))
-
-
 def refresh_flops(shape: tuple[int, ...], axis: int) -> float:
-    """Flops of refreshing one basis after the check: the orthonormalization, and carrying the
-    first moment out of and into the basis along that axis (2·d·numel each way)."""
+    """Flops of refreshing one basis: the power step A·Q, the orthonormalization, the product
+    A·Q_new that restarts the tracked diagonal, and carrying the first moment out of and into
+    the basis along that axis (2·d·numel each way)."""
     d = shape[axis]
-    return QR_FLOPS_PER_D3 * d**3 + 4 * d * math.prod(shape)
+    return (QR_FLOPS_PER_D3 + 4) * d**3 + 4 * d * math.prod(shape)
+
+
+def track_diagonals(diagonals: dict[int, Tensor], rotated: Tensor, beta: float) -> None:
+    """In place: diag(QᵀLQ) <- β·diag + (1-β)·diag(G'G'ᵀ) per axis, the factors' own EMA seen
+    in the current bases. G' = G ×_k Q_kᵀ is Adam's rotated gradient; since the other axes'
+    bases are orthogonal, diag(Q_kᵀ G_(k) G_(k)ᵀ Q_k) is the squared norm of G'_(k)'s rows."""
+    for axis, diagonal in diagonals.items():
+        diagonal.lerp_(gram_diagonal(rotated, axis), 1 - beta)
+
+
+def tracked_drift(factor: Tensor, diagonal: Tensor) -> Tensor:
+    """‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F from ‖A‖_F and the tracked diag(QᵀAQ), per batch row
+    (in float64: the difference of squares resolves drifts down to about √eps of the dtype)."""
+    total = factor.square().sum(dim=(-2, -1), dtype=torch.float64)
+    on_diagonal = diagonal.square().sum(dim=-1, dtype=torch.float64)
+    off = (total - on_diagonal).clamp_min(0).sqrt()
+    return off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def choose(drifts: dict[int, Tensor], tolerance: float, shape: tuple[int, ...],

@@ -31,6 +31,12 @@ from soaplab.optim.state import state_bytes, state_dtype
 _COPIED = {"nonfinite": "raise", "matrix_dtype": None, "skipped_steps": 0, "matrix_failures": 0}
 
 
+def factor_beta(group: dict[str, Any]) -> float:
+    """The factors' EMA coefficient: the group's ``shampoo_beta``, or β2 when that is negative."""
+    beta = group["shampoo_beta"]
+    return group["betas"][1] if beta is None or beta < 0 else beta
+
+
 @dataclass
 class Bucket:
     """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape).
@@ -62,11 +68,9 @@ class Bucket:
     def update_factors(self, group: dict[str, Any]) -> dict[int, Tensor]:
         """EMA of this step's gradient Gram matrices into the factors; returns them stacked.
 
-        The EMA coefficient is the group's ``shampoo_beta``, or β2 when that is negative."""
-        beta = group["shampoo_beta"]
-        beta = group["betas"][1] if beta is None or beta < 0 else beta
+        The EMA coefficient is :func:`factor_beta`."""
         factors = {axis: self.stack(f"factor_{axis}") for axis in self.plan.axes}
-        update_factors(factors, self.grads, beta)
+        update_factors(factors, self.grads, factor_beta(group))
         for axis, value in factors.items():
             self.store(f"factor_{axis}", value)
         return factors

@@ -101,6 +101,12 @@ def gram(X: Tensor, axis: int) -> Tensor:
     return flat @ flat.mT
 
 
+def gram_diagonal(X: Tensor, axis: int) -> Tensor:
+    """diag(G_(k) G_(k)ᵀ) without the product: the squared norms along every axis but k."""
+    dims = tuple(d for d in range(1, X.dim()) if d != axis + 1)
+    return X.square().sum(dim=dims) if dims else X.square()
+
+
 def update_factors(factors: dict[int, Tensor], X: Tensor, beta: float) -> None:
     """In place: L_k <- beta·L_k + (1 - beta)·G_(k) G_(k)ᵀ for every factored axis k."""
     for axis, L in factors.items():

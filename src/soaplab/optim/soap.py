@@ -37,7 +37,7 @@ from soaplab.optim._checks import (
     check_lr,
     check_nonnegative,
 )
-from soaplab.optim.base import Bucket, KroneckerOptimizer
+from soaplab.optim.base import Bucket, KroneckerOptimizer, factor_beta
 from soaplab.optim.kronecker import from_plan_shape, project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
@@ -45,6 +45,7 @@ from soaplab.optim.matrix_functions import (
     eigenbasis,
     eigh_step,
     power_qr_step,
+    rayleigh,
 )
 from soaplab.optim.state import resolve_matrix_dtype
 from soaplab.optim.telemetry import RefreshLog
@@ -155,8 +156,10 @@ class SOAP(KroneckerOptimizer):
         if "step" not in bucket.states[0]:
             self._init_bucket(bucket, group)
             return
-        _soap_update(bucket, group)
+        rotated = _soap_update(bucket, group)
         bucket.update_factors(group)
+        if _adaptive(group):
+            _track_diagonals(bucket, group, rotated)
         if bucket.states[0]["step"] % group["precondition_frequency"] == 0:
             self._refresh(bucket, group)
 
@@ -184,23 +187,29 @@ class SOAP(KroneckerOptimizer):
 
     def _refresh(self, bucket: Bucket, group: dict[str, Any]) -> None:
         """New bases for the factors that drifted (all of them on the fixed schedule); v follows
-        the sorted columns, m is carried exactly along the refreshed axes."""
+        the sorted columns, m is carried exactly along the refreshed axes.
+
+        The fixed schedule reads the drift from the power step's A·Q, which it computes for
+        every factor anyway; the adaptive one from the tracked diagonals (no matmul), and
+        computes A·Q only for the bases it refreshes."""
         plan = bucket.plan
         if not plan.axes:
             return
-        credit = self._credit(bucket, group)
-        if credit is not None and credit < 0:  # the budget does not cover even the check
-            for s in bucket.states:
-                for axis in plan.axes:
-                    self._refresh_log.axis(s, axis).skipped += 1
-            return
+        adaptive_ = _adaptive(group)
         refresh = eigh_step if group["refresh"] == "eigh" else power_qr_step
         bases = _bases(bucket)
         start = time.perf_counter()
         factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
-        products = {axis: factors[axis] @ bases[axis] for axis in plan.axes}
-        drifts = {axis: drift(factors[axis], products[axis], bases[axis]) for axis in plan.axes}
-        rows = self._choose(bucket, group, drifts, credit)
+        if adaptive_:
+            products = dict.fromkeys(plan.axes)
+            drifts = {axis: adaptive.tracked_drift(factors[axis],
+                                                   bucket.stack(f"diagonal_{axis}"))
+                      for axis in plan.axes}
+        else:
+            products = {axis: factors[axis] @ bases[axis] for axis in plan.axes}
+            drifts = {axis: drift(factors[axis], products[axis], bases[axis])
+                      for axis in plan.axes}
+        rows = self._choose(bucket, group, drifts)
         checked = (time.perf_counter() - start) / len(plan.axes)
         new, orders = {}, {}
         for axis in plan.axes:
@@ -212,11 +221,12 @@ class SOAP(KroneckerOptimizer):
                     new[axis], orders[axis] = refresh(factors[axis], bases[axis], products[axis])
                 elif chosen:
                     index = torch.tensor(chosen, device=bases[axis].device)
-                    basis, order = refresh(factors[axis][index], bases[axis][index],
-                                           products[axis][index])
+                    basis, order = refresh(factors[axis][index], bases[axis][index])
                     new[axis] = bases[axis].index_copy(0, index, basis)
                     keep = torch.arange(order.shape[-1], device=order.device)
                     orders[axis] = keep.expand(len(bucket.states), -1).index_copy(0, index, order)
+                    diagonal = bucket.stack(f"diagonal_{axis}")
+                    diagonal.index_copy_(0, index, rayleigh(factors[axis][index] @ basis, basis))
             except MatrixFunctionError as err:
                 self._matrix_failed(err, f"basis refresh of axis {axis}")
                 chosen = []
@@ -240,30 +250,47 @@ class SOAP(KroneckerOptimizer):
         for axis, basis in new.items():
             bucket.store(f"basis_{axis}", basis)
 
-    def _credit(self, bucket: Bucket, group: dict[str, Any]) -> float | None:
-        """Under ``refresh_budget``: the bucket's flops to spend at this check, after paying
-        for the check itself (negative: skip it); None without a budget."""
-        budget, plan, batch = group["refresh_budget"], bucket.plan, len(bucket.states)
-        if budget is None:
-            return None
-        check = batch * adaptive.check_flops(plan.shape, plan.axes)
-        full = check + batch * sum(adaptive.refresh_flops(plan.shape, k) for k in plan.axes)
-        earned = budget * group["precondition_frequency"] * batch * adaptive.ordinary_flops(
-            plan.shape, plan.axes)
-        credit = min(self._refresh_log.credit.get(id(bucket.states[0]), 0.0) + earned, full)
-        self._refresh_log.credit[id(bucket.states[0])] = credit
-        return credit - check
+    def _choose(self, bucket: Bucket, group: dict[str, Any],
+                drifts: dict[int, Tensor]) -> dict[int, list[int] | None]:
+        """Rows to refresh per axis (None: all, with no host sync: the fixed schedule).
 
-    def _choose(self, bucket: Bucket, group: dict[str, Any], drifts: dict[int, Tensor],
-                credit: float | None) -> dict[int, list[int] | None]:
-        """Rows to refresh per axis (None: all, with no host sync: the fixed schedule)."""
-        tolerance = group["refresh_tolerance"]
-        if not tolerance and credit is None:
+        Under ``refresh_budget`` a bucket earns the budget's share of its ordinary steps' flops
+        since the last check (banking at most one full refresh) and spends it here."""
+        if not _adaptive(group):
             return dict.fromkeys(drifts)
-        chosen, credit = adaptive.choose(drifts, tolerance or 0.0, bucket.plan.shape, credit)
+        budget, plan, batch = group["refresh_budget"], bucket.plan, len(bucket.states)
+        credit = None
+        if budget is not None:
+            full = batch * sum(adaptive.refresh_flops(plan.shape, k) for k in plan.axes)
+            earned = budget * group["precondition_frequency"] * batch * \
+                adaptive.ordinary_flops(plan.shape, plan.axes)
+            credit = min(self._refresh_log.credit.get(id(bucket.states[0]), 0.0) + earned, full)
+        chosen, credit = adaptive.choose(drifts, group["refresh_tolerance"] or 0.0, plan.shape,
+                                         credit)
         if credit is not None:
             self._refresh_log.credit[id(bucket.states[0])] = credit
         return chosen
+
+
+def _adaptive(group: dict[str, Any]) -> bool:
+    """Whether the group refreshes only drifted bases (a tolerance above 0, or a budget)."""
+    return bool(group["refresh_tolerance"]) or group["refresh_budget"] is not None
+
+
+def _track_diagonals(bucket: Bucket, group: dict[str, Any], rotated: Tensor) -> None:
+    """Keep diag(QᵀLQ) of every factor current, so that a check costs no matmul. A bucket
+    without them yet (adaptive refresh just switched on, an older checkpoint) starts from the
+    exact value, with one product A·Q per factor."""
+    axes = bucket.plan.axes
+    if not axes:
+        return
+    if f"diagonal_{axes[0]}" not in bucket.states[0]:
+        for axis in axes:
+            factor, basis = bucket.stack(f"factor_{axis}"), bucket.stack(f"basis_{axis}")
+            bucket.store(f"diagonal_{axis}", rayleigh(factor @ basis, basis))
+        return
+    adaptive.track_diagonals({axis: bucket.stack(f"diagonal_{axis}") for axis in axes},
+                             rotated, factor_beta(group))
 
 
 def _bases(bucket: Bucket) -> dict[int, Tensor]:
@@ -275,8 +302,9 @@ def _second_moment(bucket: Bucket) -> dict[str, Tensor]:
     return {key: bucket.stack(key) for key in keys}
 
 
-def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
-    """Adam in the current eigenbasis, then the decoupled weight decay (reference order)."""
+def _soap_update(bucket: Bucket, group: dict[str, Any]) -> Tensor:
+    """Adam in the current eigenbasis, then the decoupled weight decay (reference order).
+    Returns the rotated gradient G'."""
     beta1, beta2 = group["betas"]
     lr, wd = float(group["lr"]), group["weight_decay"]
     bases = _bases(bucket)
@@ -305,3 +333,4 @@ def _soap_update(bucket: Bucket, group: dict[str, Any]) -> None:
     bucket.store("exp_avg", exp_avg)
     for key, value in v.items():
         bucket.store(key, value)
+    return rotated

@@ -120,9 +120,9 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
 
 def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan) -> None:
     kind, _, axis = key.rpartition("_")
-    if kind in ("factor", "basis", "root"):
+    if kind in ("factor", "basis", "root", "diagonal"):  # (d, d), or (d,) for the diagonal
         d = plan.shape[int(axis)] if axis.isdigit() and int(axis) in plan.axes else None
-        if d is None or tuple(value.shape) != (d, d):
+        if d is None or tuple(value.shape) != ((d,) if kind == "diagonal" else (d, d)):
             raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, which "
                              "this optimizer's factors do not have: the checkpoint is of "
                              "another model or other factor settings")
