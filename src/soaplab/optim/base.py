@@ -58,8 +58,7 @@ class Bucket:
         tensors = [s[key] for s in self.states]
         base = tensors[0]._base
         if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
-                and all(t._base is base and t.data_ptr() == base[i].data_ptr()
-                        for i, t in enumerate(tensors))):
+                and all(t._base is base for t in tensors) and _in_order(tensors, base)):
             return base
         stacked = torch.stack(tensors)
         self.store(key, stacked)
@@ -81,6 +80,15 @@ class Bucket:
             stacked = stacked.clone(memory_format=torch.contiguous_format)
         for s, view in zip(self.states, stacked.unbind(0), strict=True):
             s[key] = view
+
+
+def _in_order(views: list[Tensor], base: Tensor) -> bool:
+    """Whether ``views`` are ``base``'s rows 0, 1, ... in order. torch.compile cannot trace
+    data pointers (each comparison is a graph break), so compiled code trusts the order that
+    :meth:`Bucket.store` gave them: a bucket's members keep their param-group order."""
+    if torch.compiler.is_compiling():
+        return True
+    return all(t.data_ptr() == base[i].data_ptr() for i, t in enumerate(views))
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
