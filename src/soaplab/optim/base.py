@@ -11,12 +11,13 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from soaplab.optim import storage
 from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
 from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
@@ -36,28 +37,33 @@ class Bucket:
     """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape).
 
     ``params`` are the tensors the maths updates in place: the parameters themselves, or under
-    FSDP2 full-size copies that the split writes back to the shards."""
+    FSDP2 full-size copies that the split writes back to the shards. ``group`` says how each
+    state entry is stored (see storage.py)."""
 
     params: list[Tensor]
     states: list[dict[str, Any]]
     plan: FactorPlan
     grads: Tensor
+    group: dict[str, Any] = field(default_factory=dict)
 
     def stack(self, key: str) -> Tensor:
-        """The (B, ...) stack of one state entry across the bucket.
+        """The (B, ...) stack of one state entry across the bucket, in the working dtype.
 
-        Entries are kept as views of one stacked tensor (see :meth:`store`), so after the
-        first step this costs nothing, and in-place updates of the stack reach every parameter.
-        """
-        tensors = [s[key] for s in self.states]
-        base = tensors[0]._base
-        if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
-                and all(t._base is base and t.data_ptr() == base[i].data_ptr()
-                        for i, t in enumerate(tensors))):
-            return base
-        stacked = torch.stack(tensors)
-        self.store(key, stacked)
-        return stacked
+        Stored entries are kept as views of one stacked tensor (see :meth:`store`), so for
+        ``full`` storage this costs nothing after the first step and in-place updates of the
+        stack reach every parameter; other storage decodes a copy: :meth:`store` it back."""
+        codec = storage.codec(self.group, key)
+        stored = {suffix: self._stored(key + suffix) for suffix in codec.suffixes}
+        return codec.decode(stored, self.grads.dtype)
+
+    def store(self, key: str, value: Tensor) -> None:
+        """Encode the (B, ...) ``value`` in the entry's storage and make each parameter's
+        entry a view of it (no copy for ``full`` storage)."""
+        for suffix, stacked in storage.codec(self.group, key).encode(value).items():
+            if stacked._base is not None or not stacked.is_contiguous():
+                stacked = stacked.clone(memory_format=torch.contiguous_format)
+            for s, view in zip(self.states, stacked.unbind(0), strict=True):
+                s[key + suffix] = view
 
     def update_factors(self, group: dict[str, Any]) -> dict[int, Tensor]:
         """EMA of this step's gradient Gram matrices into the factors; returns them stacked.
@@ -71,12 +77,18 @@ class Bucket:
             self.store(f"factor_{axis}", value)
         return factors
 
-    def store(self, key: str, stacked: Tensor) -> None:
-        """Make each parameter's entry a view of ``stacked`` (no copy)."""
-        if stacked._base is not None or not stacked.is_contiguous():
-            stacked = stacked.clone(memory_format=torch.contiguous_format)
+    def _stored(self, key: str) -> Tensor:
+        """The (B, ...) stack of one stored tensor, as stored."""
+        tensors = [s[key] for s in self.states]
+        base = tensors[0]._base
+        if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
+                and all(t._base is base and t.data_ptr() == base[i].data_ptr()
+                        for i, t in enumerate(tensors))):
+            return base
+        stacked = torch.stack(tensors)
         for s, view in zip(self.states, stacked.unbind(0), strict=True):
             s[key] = view
+        return stacked
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -255,7 +267,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 stacked.neg_()
             buckets.append(Bucket(list(tensors), [self.state[p] for p in params], plans[0],
-                                  stacked))
+                                  stacked, group))
         return buckets
 
     def _matrix_failed(self, err: MatrixFunctionError, what: str) -> None:

@@ -13,6 +13,7 @@ plan follows the saved settings, and keys missing from an older checkpoint take 
 from __future__ import annotations
 
 import copy
+import math
 from collections import defaultdict
 from itertools import chain
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from soaplab.optim.storage import layouts
 from soaplab.optim.interface import Shell
 from soaplab.optim.kronecker import FactorPlan, plan_factors
 
@@ -106,30 +108,44 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
                              "of its param group (max_precond_dim, merge_dims, one_sided, ...) "
                              "call for: the checkpoint is of other settings")
     dtype = state_dtype(param, optimizer.matrix_dtype)
+    stored = layouts(group, plan.shape, plan.axes, dtype)
+    for key in stored:
+        if key not in entry and key.removesuffix("_scale") in entry:
+            raise ValueError(f"state of {name} lacks '{key}', which the group's "
+                             "basis_storage='int8' keeps beside the basis: the checkpoint is "
+                             "corrupt or of other storage settings")
     out: dict[str, Any] = {}
     for key, value in entry.items():
         if not torch.is_tensor(value):
             out[key] = copy.deepcopy(value)
             continue
-        _check_tensor(key, value, name, param, plan)
-        cast = dtype if value.is_floating_point() else value.dtype
+        _check_tensor(key, value, name, param, plan, stored.get(key))
+        cast = stored[key][1] if key in stored else \
+            dtype if value.is_floating_point() else value.dtype
         out[key] = value.to(device=param.device, dtype=cast, copy=True)
     out["step"] = step
     return out
 
 
-def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan) -> None:
+def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan,
+                  layout: tuple[tuple[int, ...], torch.dtype] | None) -> None:
     kind, _, axis = key.rpartition("_")
-    if kind in ("factor", "basis", "root"):
+    if layout is not None:  # factors, bases, first moment: as the group's storage keeps them
+        if value.numel() != math.prod(layout[0]) or (kind in ("factor", "basis")
+                                                     and tuple(value.shape) != layout[0]):
+            raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, but "
+                             f"this optimizer stores it as {layout[0]} (its factor and storage "
+                             "settings): the checkpoint is of another model or other settings")
+    elif kind in ("factor", "basis", "root"):
         d = plan.shape[int(axis)] if axis.isdigit() and int(axis) in plan.axes else None
         if d is None or tuple(value.shape) != (d, d):
             raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, which "
                              "this optimizer's factors do not have: the checkpoint is of "
                              "another model or other factor settings")
-    elif key in ("exp_avg", "exp_avg_sq", "graft_sq") and value.numel() != param.numel():
+    elif key in ("exp_avg_sq", "graft_sq") and value.numel() != param.numel():
         raise ValueError(f"state '{key}' of {name} has {value.numel()} elements but the "
                          f"parameter has {param.numel()}: the checkpoint is of another model")
-    if not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"state '{key}' of {name} contains NaN or Inf: the checkpoint is "
                          "corrupt")
 
