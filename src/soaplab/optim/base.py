@@ -56,26 +56,30 @@ class Bucket:
         stored = {suffix: self._stored(key + suffix) for suffix in codec.suffixes}
         return codec.decode(stored, self.grads.dtype)
 
-    def store(self, key: str, value: Tensor) -> None:
+    def store(self, key: str, value: Tensor, compact: bool = False) -> None:
         """Encode the (B, ...) ``value`` in the entry's storage and make each parameter's
-        entry a view of it (no copy for ``full`` storage)."""
-        for suffix, stacked in storage.codec(self.group, key).encode(value).items():
+        entry a view of it (no copy for ``full`` storage). ``compact``: ``value`` is already
+        in the stored layout (see :meth:`update_factors`)."""
+        for suffix, stacked in storage.codec(self.group, key).encode(value, compact).items():
             if stacked._base is not None or not stacked.is_contiguous():
                 stacked = stacked.clone(memory_format=torch.contiguous_format)
             for s, view in zip(self.states, stacked.unbind(0), strict=True):
                 s[key + suffix] = view
 
-    def update_factors(self, group: dict[str, Any]) -> dict[int, Tensor]:
-        """EMA of this step's gradient Gram matrices into the factors; returns them stacked.
+    def update_factors(self, group: dict[str, Any]) -> None:
+        """EMA of this step's gradient Gram matrices into the factors.
 
-        The EMA coefficient is the group's ``shampoo_beta``, or β2 when that is negative."""
+        The EMA coefficient is the group's ``shampoo_beta``, or β2 when that is negative. It
+        runs in the stored layout (a packed factor takes the Gram's packed triangle), in the
+        working dtype."""
         beta = group["shampoo_beta"]
         beta = group["betas"][1] if beta is None or beta < 0 else beta
-        factors = {axis: self.stack(f"factor_{axis}") for axis in self.plan.axes}
-        update_factors(factors, self.grads, beta)
+        codec = storage.codec(self.group, "factor_")
+        factors = {axis: self._stored(f"factor_{axis}").to(self.grads.dtype)
+                   for axis in self.plan.axes}
+        update_factors(factors, self.grads, beta, codec.compact)
         for axis, value in factors.items():
-            self.store(f"factor_{axis}", value)
-        return factors
+            self.store(f"factor_{axis}", value, compact=True)
 
     def _stored(self, key: str) -> Tensor:
         """The (B, ...) stack of one stored tensor, as stored."""

@@ -102,9 +102,10 @@ class Shampoo(KroneckerOptimizer):
             s["step"] += 1
         t = bucket.states[0]["step"]
         beta1 = group["betas"][0]
-        factors = bucket.update_factors(group)
+        bucket.update_factors(group)
         start, freq = _start(group), group["precondition_frequency"]
         if plan.axes and t >= start and (t - start) % freq == 0:
+            factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
             self._compute_roots(bucket, factors, group)
         exp_avg = bucket.stack("exp_avg").lerp_(G, 1 - beta1)
         graft_state = {k: bucket.stack(k) for k in ("graft_sq",) if k in bucket.states[0]}

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from soaplab.optim.storage import layouts
 from soaplab.optim.interface import Shell
 from soaplab.optim.kronecker import FactorPlan, plan_factors
+from soaplab.optim.storage import layouts
 
 _MATRIX_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64,
                   torch.float32: torch.float32, torch.float64: torch.float64}

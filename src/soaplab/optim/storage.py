@@ -54,21 +54,30 @@ class Codec:
                                                         torch.float32)}
         return {"": (shape, low)}
 
-    def encode(self, x: Tensor) -> dict[str, Tensor]:
-        if self.name.startswith("packed"):
-            x = x.flatten(-2).index_select(-1, _triangle(x.shape[-1], x.device)[0])
-        elif self.name == "int8":
+    def encode(self, x: Tensor, compact: bool = False) -> dict[str, Tensor]:
+        """``compact``: ``x`` is already in the stored layout (a packed triangle)."""
+        x = x if compact else self.compact(x)
+        if self.name == "int8":
             return _quantize(x)
         return {"": x if self.low is None else x.to(self.low)}
 
     def decode(self, stored: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        x = stored[""]
-        if self.name.startswith("packed"):
-            d = _side(x.shape[-1])
-            return x.index_select(-1, _triangle(d, x.device)[1]).unflatten(-1, (d, d)).to(dtype)
         if self.name == "int8":
-            return _dequantize(x, stored["_scale"], dtype)
-        return x.to(dtype)
+            return _dequantize(stored[""], stored["_scale"], dtype)
+        return self.expand(stored[""].to(dtype))
+
+    def compact(self, x: Tensor) -> Tensor:
+        """A working-dtype (B, d, d) batch in the stored layout: its upper triangle if packed."""
+        if not self.name.startswith("packed"):
+            return x
+        return x.flatten(-2).index_select(-1, _triangle(x.shape[-1], x.device)[0])
+
+    def expand(self, y: Tensor) -> Tensor:
+        """The inverse of :meth:`compact`."""
+        if not self.name.startswith("packed"):
+            return y
+        d = _side(y.shape[-1])
+        return y.index_select(-1, _triangle(d, y.device)[1]).unflatten(-1, (d, d))
 
 
 _CODECS = {name: Codec(name) for names in OPTIONS.values() for name in names}
