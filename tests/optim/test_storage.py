@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from soaplab import SOAP
+from soaplab import SOAP, Shampoo
 from soaplab.optim import storage
 from soaplab.optim.matrix_functions import bjorck
 
@@ -216,3 +216,33 @@ def test_soap_lowmem_tracks_soap_on_kronecker_least_squares():
         tolerance = 0.05 if b > 0.01 * soap[0] else 1.0
         assert abs(a - b) <= tolerance * b, (lowmem[49::50], soap[49::50])
     assert lowmem[-1] < 1e-3 * lowmem[0]
+
+
+@pytest.mark.parametrize("cls", [SOAP, Shampoo])
+def test_packed_factors_lose_nothing(cls):
+    """The packed triangle is the factor itself: 12 steps (4 refreshes) track full storage to
+    the rounding of the Gram's two triangles (fp32)."""
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in ((12, 7), (7,))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = cls(ps, precondition_frequency=3)
+    b = cls(qs, precondition_frequency=3, factor_storage="packed")
+    step_both(a, ps, b, qs, [[torch.randn_like(p) for p in ps] for _ in range(12)])
+    for p, q in zip(ps, qs, strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+
+
+def test_shampoo_round_trips_its_stored_factors_and_momentum():
+    ps = [torch.nn.Parameter(torch.randn(12, 7))]
+    kw = dict(precondition_frequency=3, factor_storage="packed_bf16", momentum_storage="bf16")
+    opt = Shampoo(ps, **kw)
+    grads = [[torch.randn(12, 7)] for _ in range(10)]
+    for gs in grads[:5]:
+        feed(ps, gs)
+        opt.step()
+    assert opt.state[ps[0]]["factor_0"].dtype == torch.bfloat16
+    assert opt.state[ps[0]]["exp_avg"].dtype == torch.bfloat16
+    qs = [torch.nn.Parameter(ps[0].detach().clone())]
+    resumed = Shampoo(qs)
+    resumed.load_state_dict(opt.state_dict())
+    step_both(opt, ps, resumed, qs, grads[5:])
+    assert torch.equal(ps[0], qs[0])
