@@ -4,8 +4,10 @@ loaded.
 torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype:
 the fp32 factors of a bf16 parameter would come back as bf16. Here every state tensor is cast
 to :func:`state_dtype` of the *receiving* parameter and ``matrix_dtype`` instead: the dtype
-the optimizer itself would have made it in. A round trip into an identically built optimizer
-is therefore bitwise exact, and a checkpoint loads onto parameters of another dtype too. As in
+the optimizer itself would have made it in, and entries that a storage option keeps in a
+format of its own (bf16, int8, packed; see storage.py) keep it. A round trip into an
+identically built optimizer is therefore bitwise exact, and a checkpoint loads onto parameters
+of another dtype too. As in
 torch, the saved param groups replace the optimizer's (keeping its parameters), so the factor
 plan follows the saved settings, and keys missing from an older checkpoint take the defaults.
 """
