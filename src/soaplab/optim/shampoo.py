@@ -152,13 +152,14 @@ def _init_state(bucket: Bucket, grafting: str) -> None:
     plan, G = bucket.plan, bucket.grads
     for s in bucket.states:
         s["step"] = 0
+    bucket.store("exp_avg", torch.zeros_like(G))
+    for s in bucket.states:
         s.update(graft_fns.graft_state(grafting, plan.shape, dtype=G.dtype, device=G.device))
         for axis in plan.axes:
             d = plan.shape[axis]
             # Every state entry exists from the first step (checkpoint templates, e.g. DCP's,
             # are built from a fresh first step); the roots are used from the start step on.
             s[f"root_{axis}"] = torch.eye(d, dtype=G.dtype, device=G.device)
-    bucket.store("exp_avg", torch.zeros_like(G))
     for axis in plan.axes:
         d = plan.shape[axis]
         bucket.store(f"factor_{axis}", G.new_zeros(len(bucket.states), d, d))

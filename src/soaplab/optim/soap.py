@@ -177,8 +177,9 @@ class SOAP(KroneckerOptimizer):
         factored = second_moment.is_factored(plan.shape, group["factorized"])
         for s in bucket.states:
             s["step"] = 0
-            s.update(second_moment.zeros(plan.shape, factored, dtype=G.dtype, device=G.device))
         bucket.store("exp_avg", torch.zeros_like(G))
+        for s in bucket.states:
+            s.update(second_moment.zeros(plan.shape, factored, dtype=G.dtype, device=G.device))
         for axis in plan.axes:
             d = plan.shape[axis]
             bucket.store(f"factor_{axis}", G.new_zeros(len(bucket.states), d, d))

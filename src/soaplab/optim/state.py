@@ -15,7 +15,6 @@ plan follows the saved settings, and keys missing from an older checkpoint take 
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from itertools import chain
 from typing import Any
@@ -132,9 +131,13 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
 def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan,
                   layout: tuple[tuple[int, ...], torch.dtype] | None) -> None:
     kind, _, axis = key.rpartition("_")
-    if layout is not None:  # factors, bases, first moment: as the group's storage keeps them
-        if value.numel() != math.prod(layout[0]) or (kind in ("factor", "basis")
-                                                     and tuple(value.shape) != layout[0]):
+    if key in ("exp_avg", "exp_avg_sq", "graft_sq"):
+        if value.numel() != param.numel():
+            raise ValueError(f"state '{key}' of {name} has {value.numel()} elements but the "
+                             f"parameter has {param.numel()}: the checkpoint is of another "
+                             "model")
+    elif layout is not None:  # factors and bases, as the group's storage keeps them
+        if tuple(value.shape) != layout[0]:
             raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, but "
                              f"this optimizer stores it as {layout[0]} (its factor and storage "
                              "settings): the checkpoint is of another model or other settings")
@@ -144,9 +147,6 @@ def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: Facto
             raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, which "
                              "this optimizer's factors do not have: the checkpoint is of "
                              "another model or other factor settings")
-    elif key in ("exp_avg_sq", "graft_sq") and value.numel() != param.numel():
-        raise ValueError(f"state '{key}' of {name} has {value.numel()} elements but the "
-                         f"parameter has {param.numel()}: the checkpoint is of another model")
     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"state '{key}' of {name} contains NaN or Inf: the checkpoint is "
                          "corrupt")
