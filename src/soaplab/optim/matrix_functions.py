@@ -131,8 +131,9 @@ def bjorck(Q: Tensor, iterations: int = 2) -> Tensor:
     """The nearest orthogonal matrix to each nearly orthogonal ``Q`` (its polar factor), by
     Björck's iteration Q <- Q (3I - QᵀQ)/2.
 
-    For a basis stored in bf16 or int8 (max |QᵀQ - I| about 1e-3, see storage.py) the error
-    squares at each iteration: two reach fp32's own orthogonality (that of Householder QR).
+    For a basis stored in bf16 or int8 (off orthogonal by its rounding, see storage.py) the
+    error squares at each iteration: two reach fp32's own orthogonality (that of Householder
+    QR; tests/optim/test_storage.py).
     Unlike QR it keeps every column's sign and order, so the state attached to the columns
     (Adam's moments) stays valid. Two matmuls per iteration.
     """

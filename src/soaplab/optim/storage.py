@@ -8,8 +8,8 @@ turns a working-dtype batch (B, ...) into the tensors that are stored, and back:
 * ``packed``, ``packed_bf16``: a symmetric d×d factor kept as its upper triangle, d(d+1)/2
   entries (as Distributed Shampoo does), in the working dtype or in bfloat16;
 * ``int8``: blocks of 64 consecutive entries of a row as int8 with one fp32 scale each,
-  absmax/127 (a quarter of fp32's bytes plus 1/16 for the scales). Stored under the key and
-  the key + ``_scale``.
+  absmax/127: 1 + 4/64 bytes per entry, 0.27 of fp32's. Stored under the key and the
+  key + ``_scale``.
 
 Which option applies to which entry is a param group's ``factor_storage`` (the factors L, R),
 ``basis_storage`` (SOAP's eigenbases) and ``momentum_storage`` (the first moment). The second
