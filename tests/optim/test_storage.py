@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from soaplab import SOAP, Shampoo
-from soaplab.optim import matrix_functions, storage
+from soaplab.optim import storage
 from soaplab.optim.matrix_functions import bjorck
 
 from .dense import soap_step
@@ -248,30 +248,19 @@ def test_shampoo_round_trips_its_stored_factors_and_momentum():
     assert torch.equal(ps[0], qs[0])
 
 
-def test_fp64_retry_and_failed_refresh_work_on_stored_state(monkeypatch):
+def test_fp64_retry_and_failed_refresh_work_on_stored_state(eigh_fails_in_float32,
+                                                            break_refresh):
     """eigh of a decoded (bf16) factor that fails in fp32 is retried in fp64; a refresh that
     fails keeps the stored int8 basis and its scales bitwise."""
     p = torch.nn.Parameter(torch.randn(5, 3))
     opt = SOAP([p], precondition_frequency=1, refresh="eigh", factor_storage="bf16",
                basis_storage="int8", momentum_storage="bf16")
-    real_eigh, calls = torch.linalg.eigh, []
-
-    def flaky(A):
-        calls.append(A.dtype)
-        if A.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("forced")
-        return real_eigh(A)
-
-    monkeypatch.setattr(torch.linalg, "eigh", flaky)
     p.grad = torch.randn(5, 3)
     opt.step()
-    assert calls == [torch.float32, torch.float64] * 2 and opt.matrix_failures == 0
+    assert eigh_fails_in_float32 == [torch.float32, torch.float64] * 2
+    assert opt.matrix_failures == 0
     kept = {k: opt.state[p][k].clone() for k in ("basis_0", "basis_0_scale")}
-
-    def broken(*args, **kwargs):
-        raise matrix_functions.MatrixFunctionError("forced failure")
-
-    monkeypatch.setattr("soaplab.optim.soap.eigh_step", broken)
+    break_refresh("soaplab.optim.soap.eigh_step")
     p.grad = torch.randn(5, 3)
     with pytest.warns(RuntimeWarning, match="basis refresh of axis 0 failed"):
         opt.step()
