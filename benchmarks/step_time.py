@@ -6,6 +6,7 @@ Run (CPU, the default shapes: width 256, 4 layers, char-level vocabulary)::
     .venv/bin/python benchmarks/step_time.py --width 512 --layers 8 --steps 40
     .venv/bin/python benchmarks/step_time.py --device cuda --only soap,pytorch_optimizer.SOAP
     .venv/bin/python benchmarks/step_time.py --parts     # what each part of a refresh costs
+    .venv/bin/python benchmarks/step_time.py --memory    # state bytes per parameter, all
 
 Every contestant steps its own copy of the same parameters on the same pre-drawn random
 gradients, with ``precondition_frequency=10`` and equal hyperparameters. Timing runs in rounds:
@@ -53,7 +54,11 @@ from soaplab.optim.kronecker import permute_axis, project, project_back
 
 FREQ = 10
 SOAPLAB = ("soap", "soap_adaptive", "soap_eigh", "soap_one_sided", "soap_factorized",
-           "soap_one_sided_factorized", "shampoo", "shampoo_half")
+           "soap_one_sided_factorized", "soap_lowmem", "shampoo", "shampoo_half")
+# Each storage option of SOAP's state on its own (soaplab.optim.storage): name -> kwargs of soap.
+STORAGE = {f"soap_{kind}_{value}": {f"{kind}_storage": value} for kind, value in (
+    ("factor", "bf16"), ("factor", "packed"), ("factor", "packed_bf16"), ("basis", "bf16"),
+    ("basis", "int8"), ("momentum", "bf16"))}
 PEERS = ("pytorch_optimizer.SOAP", "heavyball.SOAP")
 COMMON = dict(lr=3e-3, weight_decay=0.01, eps=1e-8)
 SOAP_KW = dict(betas=(0.95, 0.95), shampoo_beta=0.95, precondition_frequency=FREQ,
@@ -96,12 +101,12 @@ def builders(heavyball_mode: str) -> dict[str, Builder | str]:
             {"params": [p for p in ps[2:] if p.dim() == 2], "role": "hidden"},
             {"params": ps[:2] + [p for p in ps[2:] if p.dim() != 2], "role": "other"}],
             betas=(0.9, 0.95), **COMMON)}
-    for name in SOAPLAB:
+    for name in SOAPLAB + tuple(STORAGE):
         kw = SOAP_KW if name.startswith("soap") else dict(
             precondition_frequency=FREQ, betas=(0.9, 0.95), shampoo_beta=0.95)
-        eps = {} if name.startswith("soap") else {"eps": 1e-12}
-        table[name] = (lambda n, k, e: lambda ps: soaplab.optimizer(
-            n, ps, **{**COMMON, **k, **e}))(name, kw, eps)
+        kw = {**kw, **STORAGE.get(name, {})} if name.startswith("soap") else {**kw, "eps": 1e-12}
+        table[name] = (lambda n, k: lambda ps: soaplab.optimizer(n, ps, **{**COMMON, **k}))(
+            "soap" if name in STORAGE else name, kw)
     try:
         import pytorch_optimizer
 
@@ -335,6 +340,19 @@ def table(contestants: list[Contestant], floor_s: float, skipped: dict[str, str]
     return "\n".join(rows)
 
 
+def memory_table(contestants: list[Contestant], skipped: dict[str, str], n_params: int) -> str:
+    """State held after two steps (every entry exists by then): MB, bytes per parameter, and
+    the ratio to AdamW's."""
+    held = {c.name: state_bytes(c.opt) for c in contestants}
+    adamw = held.get("adamw")
+    rows = ["| optimizer | state MB | bytes/param | / AdamW |", "|---|---|---|---|"]
+    for name, n in held.items():
+        ratio = f"{n / adamw:.2f}" if adamw else "-"
+        rows.append(f"| {name} | {n / 2**20:.1f} | {n / n_params:.1f} | {ratio} |")
+    rows += [f"| {name} | skipped: {why} | | |" for name, why in skipped.items()]
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=256)
@@ -352,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-peers", action="store_true", help="skip pytorch_optimizer and heavyball")
     ap.add_argument("--parts", action="store_true",
                     help="print only the table of a refresh's parts per matrix shape and axis")
+    ap.add_argument("--memory", action="store_true",
+                    help="print only the state memory of every contestant after two steps")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats per part (--parts)")
     ap.add_argument("--grad-sets", type=int, default=7,
                     help="distinct pre-drawn gradient sets, cycled (7: coprime with the window, "
@@ -418,6 +438,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     grads = draw_grads(shapes, args.grad_sets, device)
     contestants, skipped = build(args, shapes, device)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    if args.memory:
+        for c in contestants:
+            for g in grads[:2]:
+                for p, gp in zip(c.params, g, strict=True):
+                    p.grad = gp
+                c.opt.step()
+        print(f"state after two steps, GPT width {args.width}, {args.layers} layers: "
+              f"{n_params / 1e6:.2f} M parameters\n")
+        print(memory_table(contestants, skipped, n_params))
+        return
     skipped.update(warm_up(contestants, grads, device))
     operands = floor_operands(shapes, grads[0], device)
     floor_products(operands)  # warm-up
@@ -431,7 +462,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     floor_s = statistics.median(floor_times)
     flops = floor_flops(shapes)
-    n_params = sum(torch.Size(s).numel() for s in shapes)
     cpu = platform.processor() or platform.machine()
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")

@@ -76,6 +76,9 @@ OPTIMIZERS: dict[str, Entry] = {
     "soap_one_sided": _kronecker(_soap, "soap", one_sided=True),
     "soap_factorized": _kronecker(_soap, "soap", factorized=True),
     "soap_one_sided_factorized": _kronecker(_soap, "soap", one_sided=True, factorized=True),
+    # The storage combination that measured best (docs/optimizers.md, "State storage").
+    "soap_lowmem": _kronecker(_soap, "soap", factor_storage="packed_bf16",
+                              basis_storage="bf16", momentum_storage="bf16"),
 }
 
 

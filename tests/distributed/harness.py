@@ -26,6 +26,10 @@ VECTOR_SHAPES = [(8,), (12,)]
 STEPS = 20
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "soap": lambda groups, **kw: SOAP(groups, lr=1e-2, precondition_frequency=3, **kw),
+    # every lossy storage option, int8 bases included (their scales are extra state entries)
+    "soap_lowmem": lambda groups, **kw: SOAP(groups, lr=1e-2, precondition_frequency=3,
+                                             factor_storage="packed_bf16", basis_storage="int8",
+                                             momentum_storage="bf16", **kw),
     "shampoo": lambda groups, **kw: Shampoo(groups, lr=1e-2, precondition_frequency=3,
                                            weight_decay=0.01, **kw),
 }

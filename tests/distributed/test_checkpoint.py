@@ -34,7 +34,7 @@ from tests.distributed.harness import (
 SAVE_AT = 10
 # DCP loads only the keys of a template made by a fresh optimizer's first step, so every
 # optimizer must create all of its state entries on that step (both do).
-DCP_OPTIMIZERS = ("soap", "shampoo")
+DCP_OPTIMIZERS = ("soap", "soap_lowmem", "shampoo")
 Model = torch.nn.ParameterList
 Loader = Callable[[Model, torch.optim.Optimizer], None]
 
@@ -160,8 +160,8 @@ def _dcp_loaders(name: str, path: Path, split: bool = False) -> list[Loader]:
 
 
 @pytest.mark.parametrize(("name", "route"), [
-    ("soap", "file"), ("soap", "dcp"), ("shampoo", "file"),
-    ("shampoo", "dcp"),
+    ("soap", "file"), ("soap", "dcp"), ("soap_lowmem", "file"), ("soap_lowmem", "dcp"),
+    ("shampoo", "file"), ("shampoo", "dcp"),
 ])
 def test_single_process_checkpoints_round_trip(name: str, route: str, tmp_path: Path) -> None:
     model, opt, params10 = _run_and_save(name, tmp_path, "plain", 0)

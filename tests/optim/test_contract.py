@@ -8,7 +8,6 @@ import torch
 
 import soaplab
 from soaplab import SOAP, Shampoo
-from soaplab.optim import matrix_functions
 
 from .problems import step_both
 
@@ -90,17 +89,13 @@ def test_nonfinite_skip_mode_skips_and_counts(make):
     assert torch.equal(p, before) and opt.skipped_steps == 1 and not opt.state[p]
 
 
-def test_failed_refresh_keeps_previous_basis_warns_and_counts(monkeypatch):
+def test_failed_refresh_keeps_previous_basis_warns_and_counts(break_refresh):
     p = torch.nn.Parameter(torch.randn(5, 3))
     opt = SOAP([p], precondition_frequency=1)
     p.grad = torch.randn(5, 3)
     opt.step()
     basis = opt.state[p]["basis_0"].clone()
-
-    def broken(*args, **kwargs):
-        raise matrix_functions.MatrixFunctionError("forced failure")
-
-    monkeypatch.setattr("soaplab.optim.soap.power_qr_step", broken)
+    break_refresh("soaplab.optim.soap.power_qr_step")
     p.grad = torch.randn(5, 3)
     with pytest.warns(RuntimeWarning, match="basis refresh of axis 0 failed"):
         opt.step()

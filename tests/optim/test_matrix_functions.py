@@ -35,17 +35,8 @@ def test_nonfinite_factor_raises_typed_error():
         mf.power_qr_step(A, torch.eye(3)[None])
 
 
-def test_eigh_failure_in_float32_is_retried_in_float64(monkeypatch):
-    real_eigh = torch.linalg.eigh
-    calls = []
-
-    def flaky(A):
-        calls.append(A.dtype)
-        if A.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("forced")
-        return real_eigh(A)
-
-    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+def test_eigh_failure_in_float32_is_retried_in_float64(eigh_fails_in_float32):
+    calls = eigh_fails_in_float32
     A, _ = random_spd(4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
     Q = mf.eigenbasis(A.float()[None])[0]
     assert calls == [torch.float32, torch.float64]

@@ -11,12 +11,13 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from soaplab.optim import storage
 from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
 from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
@@ -42,44 +43,58 @@ class Bucket:
     """Same-plan parameters of one group, with their gradients stacked as (B, *plan.shape).
 
     ``params`` are the tensors the maths updates in place: the parameters themselves, or under
-    FSDP2 full-size copies that the split writes back to the shards."""
+    FSDP2 full-size copies that the split writes back to the shards. ``group`` says how each
+    state entry is stored (see storage.py)."""
 
     params: list[Tensor]
     states: list[dict[str, Any]]
     plan: FactorPlan
     grads: Tensor
+    group: dict[str, Any] = field(default_factory=dict)
 
     def stack(self, key: str) -> Tensor:
-        """The (B, ...) stack of one state entry across the bucket.
+        """The (B, ...) stack of one state entry across the bucket, in the working dtype.
 
-        Entries are kept as views of one stacked tensor (see :meth:`store`), so after the
-        first step this costs nothing, and in-place updates of the stack reach every parameter.
-        """
+        Stored entries are kept as views of one stacked tensor (see :meth:`store`), so for
+        ``full`` storage this costs nothing after the first step and in-place updates of the
+        stack reach every parameter; other storage decodes a copy: :meth:`store` it back."""
+        codec = storage.codec(self.group, key)
+        stored = {suffix: self._stored(key + suffix) for suffix in codec.suffixes}
+        return codec.decode(stored, self.grads.dtype)
+
+    def store(self, key: str, value: Tensor, compact: bool = False) -> None:
+        """Encode the (B, ...) ``value`` in the entry's storage and make each parameter's
+        entry a view of it (no copy for ``full`` storage). ``compact``: ``value`` is already
+        in the stored layout (see :meth:`update_factors`)."""
+        for suffix, stacked in storage.codec(self.group, key).encode(value, compact).items():
+            if stacked._base is not None or not stacked.is_contiguous():
+                stacked = stacked.clone(memory_format=torch.contiguous_format)
+            for s, view in zip(self.states, stacked.unbind(0), strict=True):
+                s[key + suffix] = view
+
+    def update_factors(self, group: dict[str, Any]) -> None:
+        """EMA of this step's gradient Gram matrices into the factors.
+
+        The EMA coefficient is :func:`factor_beta`. It runs in the stored layout (a packed
+        factor takes the Gram's packed triangle), in the working dtype."""
+        codec = storage.codec(self.group, "factor_")
+        factors = {axis: self._stored(f"factor_{axis}").to(self.grads.dtype)
+                   for axis in self.plan.axes}
+        update_factors(factors, self.grads, factor_beta(group), codec.compact)
+        for axis, value in factors.items():
+            self.store(f"factor_{axis}", value, compact=True)
+
+    def _stored(self, key: str) -> Tensor:
+        """The (B, ...) stack of one stored tensor, as stored."""
         tensors = [s[key] for s in self.states]
         base = tensors[0]._base
         if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
                 and all(t._base is base for t in tensors) and _in_order(tensors, base)):
             return base
         stacked = torch.stack(tensors)
-        self.store(key, stacked)
-        return stacked
-
-    def update_factors(self, group: dict[str, Any]) -> dict[int, Tensor]:
-        """EMA of this step's gradient Gram matrices into the factors; returns them stacked.
-
-        The EMA coefficient is :func:`factor_beta`."""
-        factors = {axis: self.stack(f"factor_{axis}") for axis in self.plan.axes}
-        update_factors(factors, self.grads, factor_beta(group))
-        for axis, value in factors.items():
-            self.store(f"factor_{axis}", value)
-        return factors
-
-    def store(self, key: str, stacked: Tensor) -> None:
-        """Make each parameter's entry a view of ``stacked`` (no copy)."""
-        if stacked._base is not None or not stacked.is_contiguous():
-            stacked = stacked.clone(memory_format=torch.contiguous_format)
         for s, view in zip(self.states, stacked.unbind(0), strict=True):
             s[key] = view
+        return stacked
 
 
 def _in_order(views: list[Tensor], base: Tensor) -> bool:
@@ -267,7 +282,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             if group["maximize"]:
                 stacked.neg_()
             buckets.append(Bucket(list(tensors), [self.state[p] for p in params], plans[0],
-                                  stacked))
+                                  stacked, group))
         return buckets
 
     def _matrix_failed(self, err: MatrixFunctionError, what: str) -> None:

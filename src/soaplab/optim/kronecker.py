@@ -8,6 +8,7 @@ tensors, shape (B, d_1, ..., d_n), so identical layers share one matmul per axis
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +108,14 @@ def gram_diagonal(X: Tensor, axis: int) -> Tensor:
     return X.square().sum(dim=dims) if dims else X.square()
 
 
-def update_factors(factors: dict[int, Tensor], X: Tensor, beta: float) -> None:
-    """In place: L_k <- beta·L_k + (1 - beta)·G_(k) G_(k)ᵀ for every factored axis k."""
+def update_factors(factors: dict[int, Tensor], X: Tensor, beta: float,
+                   layout: Callable[[Tensor], Tensor] | None = None) -> None:
+    """In place: L_k <- beta·L_k + (1 - beta)·G_(k) G_(k)ᵀ for every factored axis k.
+
+    ``layout`` maps a Gram batch to the factors' stored layout (e.g. its packed triangle)."""
     for axis, L in factors.items():
-        L.lerp_(gram(X, axis), 1 - beta)
+        G = gram(X, axis)
+        L.lerp_(G if layout is None else layout(G), 1 - beta)
 
 
 def _along(X: Tensor, M: Tensor, axis: int) -> Tensor:

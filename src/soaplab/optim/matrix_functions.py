@@ -127,6 +127,21 @@ def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     return _householder_q(Y)
 
 
+def bjorck(Q: Tensor, iterations: int = 2) -> Tensor:
+    """The nearest orthogonal matrix to each nearly orthogonal ``Q`` (its polar factor), by
+    Björck's iteration Q <- Q (3I - QᵀQ)/2.
+
+    For a basis stored in bf16 or int8 (off orthogonal by its rounding, see storage.py) the
+    error squares at each iteration: two reach fp32's own orthogonality (that of Householder
+    QR; tests/optim/test_storage.py).
+    Unlike QR it keeps every column's sign and order, so the state attached to the columns
+    (Adam's moments) stays valid. Two matmuls per iteration.
+    """
+    for _ in range(iterations):
+        Q = 1.5 * Q - 0.5 * Q @ (Q.mT @ Q)
+    return Q
+
+
 def power_qr_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One warm-started power-iteration step with QR (SOAP's Algorithm 4).
 

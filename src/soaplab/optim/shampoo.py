@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from soaplab.optim import grafting as graft_fns
+from soaplab.optim import storage
 from soaplab.optim._checks import (
     check_beta,
     check_betas,
@@ -54,6 +55,8 @@ class Shampoo(KroneckerOptimizer):
         exponent: overall Kronecker exponent e: 0.25 (classic) or 0.5.
         grafting: "adam", "adagrad", "sgd" or "none". graft_eps: ε of the grafted optimizer.
         max_precond_dim, merge_dims, precondition_1d, data_format: as in SOAP.
+        factor_storage, momentum_storage: as in SOAP (storage.py); the inverse roots are not
+            orthogonal, so SOAP's basis storage has no counterpart here.
         matrix_dtype, nonfinite, batched, process_group, maximize, foreach: as in SOAP.
     """
 
@@ -63,8 +66,10 @@ class Shampoo(KroneckerOptimizer):
                  exponent: float = 0.25, grafting: str = "adam", graft_eps: float = 1e-8,
                  max_precond_dim: int = 10000, merge_dims: bool = False,
                  precondition_1d: bool = False, data_format: str = "channels_first", *,
-                 matrix_dtype: Any = None, nonfinite: str = "raise", batched: bool | None = None,
-                 process_group: Any = None, **torch_flags: Any) -> None:
+                 matrix_dtype: Any = None, factor_storage: str = "full",
+                 momentum_storage: str = "full", nonfinite: str = "raise",
+                 batched: bool | None = None, process_group: Any = None,
+                 **torch_flags: Any) -> None:
         check_lr(lr)
         check_betas(betas)
         if shampoo_beta is not None and shampoo_beta >= 0:
@@ -79,13 +84,15 @@ class Shampoo(KroneckerOptimizer):
         check_choice("grafting", grafting, graft_fns.KINDS)
         check_int("max_precond_dim", max_precond_dim, 0)
         check_choice("data_format", data_format, ("channels_first", "channels_last"))
+        storage.check_options(factor_storage=factor_storage, momentum_storage=momentum_storage)
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                         start_preconditioning_step=start_preconditioning_step,
                         exponent=exponent, grafting=grafting, graft_eps=graft_eps,
                         max_precond_dim=max_precond_dim,
                         merge_dims=merge_dims, precondition_1d=precondition_1d,
-                        data_format=data_format, batched=batched)
+                        data_format=data_format, factor_storage=factor_storage,
+                        momentum_storage=momentum_storage, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
                          matrix_dtype=resolve_matrix_dtype(matrix_dtype),
                          process_group=process_group, **torch_flags)
@@ -102,9 +109,10 @@ class Shampoo(KroneckerOptimizer):
             s["step"] += 1
         t = bucket.states[0]["step"]
         beta1 = group["betas"][0]
-        factors = bucket.update_factors(group)
+        bucket.update_factors(group)
         start, freq = _start(group), group["precondition_frequency"]
         if plan.axes and t >= start and (t - start) % freq == 0:
+            factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
             self._compute_roots(bucket, factors, group)
         exp_avg = bucket.stack("exp_avg").lerp_(G, 1 - beta1)
         graft_state = {k: bucket.stack(k) for k in ("graft_sq",) if k in bucket.states[0]}
@@ -144,14 +152,17 @@ def _init_state(bucket: Bucket, grafting: str) -> None:
     plan, G = bucket.plan, bucket.grads
     for s in bucket.states:
         s["step"] = 0
-        s["exp_avg"] = torch.zeros(plan.shape, dtype=G.dtype, device=G.device)
+    bucket.store("exp_avg", torch.zeros_like(G))
+    for s in bucket.states:
         s.update(graft_fns.graft_state(grafting, plan.shape, dtype=G.dtype, device=G.device))
         for axis in plan.axes:
             d = plan.shape[axis]
-            s[f"factor_{axis}"] = torch.zeros(d, d, dtype=G.dtype, device=G.device)
             # Every state entry exists from the first step (checkpoint templates, e.g. DCP's,
             # are built from a fresh first step); the roots are used from the start step on.
             s[f"root_{axis}"] = torch.eye(d, dtype=G.dtype, device=G.device)
+    for axis in plan.axes:
+        d = plan.shape[axis]
+        bucket.store(f"factor_{axis}", G.new_zeros(len(bucket.states), d, d))
 
 
 def _direction(bucket: Bucket, group: dict[str, Any], moment: Tensor,

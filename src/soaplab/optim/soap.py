@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from soaplab.optim import adaptive, second_moment
+from soaplab.optim import adaptive, second_moment, storage
 from soaplab.optim._checks import (
     check_beta,
     check_betas,
@@ -41,6 +41,7 @@ from soaplab.optim.base import Bucket, KroneckerOptimizer, factor_beta
 from soaplab.optim.kronecker import from_plan_shape, project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
+    bjorck,
     drift,
     eigenbasis,
     eigh_step,
@@ -79,8 +80,13 @@ class SOAP(KroneckerOptimizer):
             reference's fixed schedule; inf: never after the first).
         refresh_budget: spend on refreshes at most this fraction of the ordinary step's
             matmul flops on average, most-drifted bases first (None: no budget).
-        matrix_dtype: dtype of factors, bases and moments; None = float64 for float64
-            parameters, float32 otherwise.
+        matrix_dtype: dtype the maths runs in; None = float64 for float64 parameters,
+            float32 otherwise.
+        factor_storage: how L, R are stored: "full" (matrix_dtype), "bf16", "packed" (upper
+            triangle) or "packed_bf16" (see storage.py).
+        basis_storage: how the bases are stored: "full", "bf16" or "int8" (blocks of 64 with
+            an fp32 scale); lossy ones are re-orthonormalized (Björck) at each refresh.
+        momentum_storage: how Adam's first moment is stored: "full" or "bf16".
         nonfinite: "raise" (default) on a NaN/Inf gradient before touching state, or "skip".
         batched: stack same-shape parameters so each matmul runs once per shape (default).
         foreach: torch's name for ``batched``; None (default) means batched.
@@ -100,6 +106,8 @@ class SOAP(KroneckerOptimizer):
                  correct_bias: bool = True, *, one_sided: bool = False, factorized: bool = False,
                  refresh: str = "qr", refresh_tolerance: float | None = None,
                  refresh_budget: float | None = None, matrix_dtype: Any = None,
+                 factor_storage: str = "full", basis_storage: str = "full",
+                 momentum_storage: str = "full",
                  nonfinite: str = "raise", batched: bool | None = None,
                  process_group: Any = None, **torch_flags: Any) -> None:
         check_lr(lr)
@@ -116,6 +124,8 @@ class SOAP(KroneckerOptimizer):
                             ("refresh_budget", refresh_budget)):
             if value is not None:
                 check_nonnegative(name, value)
+        storage.check_options(factor_storage=factor_storage, basis_storage=basis_storage,
+                              momentum_storage=momentum_storage)
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta, eps=eps,
                         weight_decay=weight_decay, precondition_frequency=precondition_frequency,
                         max_precond_dim=max_precond_dim, merge_dims=merge_dims,
@@ -123,7 +133,8 @@ class SOAP(KroneckerOptimizer):
                         data_format=data_format, correct_bias=correct_bias, one_sided=one_sided,
                         factorized=factorized, refresh=refresh,
                         refresh_tolerance=refresh_tolerance, refresh_budget=refresh_budget,
-                        batched=batched)
+                        factor_storage=factor_storage, basis_storage=basis_storage,
+                        momentum_storage=momentum_storage, batched=batched)
         super().__init__(params, defaults, nonfinite=nonfinite,
                          matrix_dtype=resolve_matrix_dtype(matrix_dtype),
                          process_group=process_group, **torch_flags)
@@ -169,11 +180,12 @@ class SOAP(KroneckerOptimizer):
         factored = second_moment.is_factored(plan.shape, group["factorized"])
         for s in bucket.states:
             s["step"] = 0
-            s["exp_avg"] = torch.zeros(plan.shape, dtype=G.dtype, device=G.device)
+        bucket.store("exp_avg", torch.zeros_like(G))
+        for s in bucket.states:
             s.update(second_moment.zeros(plan.shape, factored, dtype=G.dtype, device=G.device))
-            for axis in plan.axes:
-                d = plan.shape[axis]
-                s[f"factor_{axis}"] = torch.zeros(d, d, dtype=G.dtype, device=G.device)
+        for axis in plan.axes:
+            d = plan.shape[axis]
+            bucket.store(f"factor_{axis}", G.new_zeros(len(bucket.states), d, d))
         bucket.update_factors(group)
         for axis in plan.axes:
             factors = bucket.stack(f"factor_{axis}")
@@ -197,7 +209,7 @@ class SOAP(KroneckerOptimizer):
             return
         adaptive_ = _adaptive(group)
         refresh = eigh_step if group["refresh"] == "eigh" else power_qr_step
-        bases = _bases(bucket)
+        bases = _bases(bucket, orthonormal=True)
         start = time.perf_counter()
         factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
         if adaptive_:
@@ -293,8 +305,13 @@ def _track_diagonals(bucket: Bucket, group: dict[str, Any], rotated: Tensor) -> 
                              rotated, factor_beta(group))
 
 
-def _bases(bucket: Bucket) -> dict[int, Tensor]:
-    return {axis: bucket.stack(f"basis_{axis}") for axis in bucket.plan.axes}
+def _bases(bucket: Bucket, orthonormal: bool = False) -> dict[int, Tensor]:
+    """The bases as stored; with ``orthonormal`` (a refresh), bases stored lossy are first
+    made orthonormal again, so the drift, the power step and m's transport start from one."""
+    bases = {axis: bucket.stack(f"basis_{axis}") for axis in bucket.plan.axes}
+    if orthonormal and not storage.codec(bucket.group, "basis_").exact:
+        bases = {axis: bjorck(Q) for axis, Q in bases.items()}
+    return bases
 
 
 def _second_moment(bucket: Bucket) -> dict[str, Tensor]:

@@ -4,8 +4,10 @@ loaded.
 torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's dtype:
 the fp32 factors of a bf16 parameter would come back as bf16. Here every state tensor is cast
 to :func:`state_dtype` of the *receiving* parameter and ``matrix_dtype`` instead: the dtype
-the optimizer itself would have made it in. A round trip into an identically built optimizer
-is therefore bitwise exact, and a checkpoint loads onto parameters of another dtype too. As in
+the optimizer itself would have made it in, and entries that a storage option keeps in a
+format of its own (bf16, int8, packed; see storage.py) keep it. A round trip into an
+identically built optimizer is therefore bitwise exact, and a checkpoint loads onto parameters
+of another dtype too. As in
 torch, the saved param groups replace the optimizer's (keeping its parameters), so the factor
 plan follows the saved settings, and keys missing from an older checkpoint take the defaults.
 """
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from soaplab.optim.interface import Shell
 from soaplab.optim.kronecker import FactorPlan, plan_factors
+from soaplab.optim.storage import layouts
 
 _MATRIX_DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64,
                   torch.float32: torch.float32, torch.float64: torch.float64}
@@ -106,30 +109,45 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
                              "of its param group (max_precond_dim, merge_dims, one_sided, ...) "
                              "call for: the checkpoint is of other settings")
     dtype = state_dtype(param, optimizer.matrix_dtype)
+    stored = layouts(group, plan.shape, plan.axes, dtype)
+    for key in stored:
+        if key not in entry and key.removesuffix("_scale") in entry:
+            raise ValueError(f"state of {name} lacks '{key}', which the group's "
+                             "basis_storage='int8' keeps beside the basis: the checkpoint is "
+                             "corrupt or of other storage settings")
     out: dict[str, Any] = {}
     for key, value in entry.items():
         if not torch.is_tensor(value):
             out[key] = copy.deepcopy(value)
             continue
-        _check_tensor(key, value, name, param, plan)
-        cast = dtype if value.is_floating_point() else value.dtype
+        _check_tensor(key, value, name, param, plan, stored.get(key))
+        cast = stored[key][1] if key in stored else \
+            dtype if value.is_floating_point() else value.dtype
         out[key] = value.to(device=param.device, dtype=cast, copy=True)
     out["step"] = step
     return out
 
 
-def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan) -> None:
+def _check_tensor(key: str, value: Tensor, name: str, param: Tensor, plan: FactorPlan,
+                  layout: tuple[tuple[int, ...], torch.dtype] | None) -> None:
     kind, _, axis = key.rpartition("_")
-    if kind in ("factor", "basis", "root", "diagonal"):  # (d, d), or (d,) for the diagonal
+    if key in ("exp_avg", "exp_avg_sq", "graft_sq"):
+        if value.numel() != param.numel():
+            raise ValueError(f"state '{key}' of {name} has {value.numel()} elements but the "
+                             f"parameter has {param.numel()}: the checkpoint is of another "
+                             "model")
+    elif layout is not None:  # factors and bases, as the group's storage keeps them
+        if tuple(value.shape) != layout[0]:
+            raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, but "
+                             f"this optimizer stores it as {layout[0]} (its factor and storage "
+                             "settings): the checkpoint is of another model or other settings")
+    elif kind in ("factor", "basis", "root", "diagonal"):  # (d, d); (d,) for a diagonal
         d = plan.shape[int(axis)] if axis.isdigit() and int(axis) in plan.axes else None
         if d is None or tuple(value.shape) != ((d,) if kind == "diagonal" else (d, d)):
             raise ValueError(f"state '{key}' of {name} has shape {tuple(value.shape)}, which "
                              "this optimizer's factors do not have: the checkpoint is of "
                              "another model or other factor settings")
-    elif key in ("exp_avg", "exp_avg_sq", "graft_sq") and value.numel() != param.numel():
-        raise ValueError(f"state '{key}' of {name} has {value.numel()} elements but the "
-                         f"parameter has {param.numel()}: the checkpoint is of another model")
-    if not bool(torch.isfinite(value).all()):
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
         raise ValueError(f"state '{key}' of {name} contains NaN or Inf: the checkpoint is "
                          "corrupt")
 
