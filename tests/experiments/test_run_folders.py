@@ -175,7 +175,8 @@ def test_out_that_is_a_file_or_unwritable(tmp_path):
 
 def test_ctrl_c_then_torn_metrics_line_then_resume(tmp_path):
     out = tmp_path / "run"
-    flags = [*LM, "--steps", "150", "--eval-every", "50", "--checkpoint-every", "5",
+    # Long enough that a poller starved by a loaded machine still interrupts it mid-run.
+    flags = [*LM, "--steps", "1000", "--eval-every", "250", "--checkpoint-every", "5",
              "--no-progress", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "soaplab", *flags], env=environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -195,7 +196,7 @@ def test_ctrl_c_then_torn_metrics_line_then_resume(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"soaplab: warning: {metrics}: dropped its torn last line" in result.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 1001))
 
 
 class Planted:
