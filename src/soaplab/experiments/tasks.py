@@ -166,7 +166,8 @@ TASKS: dict[str, TaskSpec] = {
     "colorize": TaskSpec(
         "grey photo -> colour with a small U-Net", "MSE of Lab chrominance",
         _colorization, _load_photos,
-        {"adamw": 3e-3, "adafactor": 1e-2, "shampoo": 1e-2, "soap": 3e-2, "muon": 1e-2},
+        # 600-step grids on the Debian photos (docs/results.md, "Colorization")
+        {"adamw": 6e-3, "adafactor": 1e-2, "shampoo": 5e-3, "soap": 7.5e-3, "muon": 5e-3},
         (("--images", {"default": None, "metavar": "debian|DIR",
                        "help": "photos instead of the bundled set: debian (the 46 Debian photos "
                                "`make photos` installs) or a folder of JPEG/PNG colour "
