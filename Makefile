@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup test main lint bench
+.PHONY: setup test main lint bench photos
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -26,3 +26,8 @@ main: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/step_time.py
+
+# The 46 Debian photos of `soaplab compare colorize --images debian` (apt-get download of three
+# packages, about 160 MB; only the photos are kept, in ~/.cache/soaplab/photos-debian).
+photos: $(STAMP)
+	$(PY) -m soaplab.experiments.data.debian_photos

@@ -41,6 +41,25 @@ def test_compare_writes_report_and_plots(tmp_path, task):
                     f"soap-f4-lr{soap:g}-s0"]
 
 
+def test_colorize_report_has_the_mean_colour_baseline_row(tmp_path):
+    from soaplab.experiments.tasks import TaskOptions, _mean_colour
+
+    assert main(["compare", "colorize", "--size", "micro", "--steps", "30", "--optimizers",
+                 "adamw,soap", "--threads", "1", "--out", str(tmp_path), "--no-progress"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    base = _mean_colour(TaskOptions(task="colorize"))
+    row = next(line for line in report.splitlines() if line.startswith("| mean colour"))
+    assert f"| {base.train_loss:.4g} | {base.val_loss:.4g} |" in row
+    finals = {json.loads((run / "summary.json").read_text())["evals"][-1]["val_loss"]
+              for run in (tmp_path / "runs").iterdir()}
+    assert len(finals) == 2
+    beat = [line for line in report.splitlines() if line.startswith("Baseline: predicting")]
+    assert len(beat) == 1
+    assert "adamw lr" in beat[0] and "soap lr" in beat[0]
+    assert beat[0].count(" of 1)") == 2 and beat[0].count("(1 of 1)") == sum(
+        f < base.val_loss for f in finals)
+
+
 def test_compare_rejects_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "lm", "--optimizers", "adamw,sgdx"])

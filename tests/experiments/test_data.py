@@ -43,14 +43,45 @@ def test_batches_are_next_token_windows():
     assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
 
 
-def test_bundled_photos_split_into_patches_and_held_out_photos():
+def test_bundled_photos_split_into_training_photos_and_held_out_photos():
     data = photos.PhotoSet.load()
     assert set(data.val_names) == set(photos.VALIDATION)
     assert not set(data.train_names) & set(data.val_names)
-    assert data.train.shape[1:] == (3, 32, 32) and len(data.train) > 1000
+    assert len(data.train) == len(data.train_names) * len(photos.SCALES)
+    assert sorted({min(t.shape[1:]) for t in data.train}) == list(photos.SCALES)
     assert data.val.shape == (3, 3, 96, 96)
-    assert data.train[:, 0].min() >= -0.5 and data.train[:, 0].max() <= 0.5
-    assert data.train[:, 1:].std() > 0.05  # real colour, not grey
+    assert data.train[0][0].min() >= -0.5 and data.train[0][0].max() <= 0.5
+    assert data.train[0][1:].std() > 0.05  # real colour, not grey
+
+
+def test_crops_are_windows_of_the_training_photos_some_flipped():
+    rng = np.random.default_rng(0)
+    data = photos.PhotoSet([torch.from_numpy(rng.random((3, h, w))).float()
+                            for h, w in ((40, 50), (36, 36))], torch.zeros(1, 3, 8, 8), [], [])
+    crops = data.crops(200, 32, torch.Generator().manual_seed(0))
+    assert crops.shape == (200, 3, 32, 32)
+    flipped = 0
+    for c in crops:  # every crop is a window of one photo, as is or mirrored left-right
+        hits = [(image.unfold(1, 32, 1).unfold(2, 32, 1) == w[:, None, None]).flatten(3)
+                .all(-1).all(0).any().item() for image in data.train for w in (c, c.flip(-1))]
+        assert any(hits)
+        flipped += not any(hits[0::2])
+    assert 60 < flipped < 140
+    again = data.crops(200, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(crops, again)
+
+
+def test_mean_colour_baseline_matches_a_float64_computation(tmp_path):
+    from soaplab.experiments.tasks import PATCH, TaskOptions, _load_photos, _mean_colour
+
+    opts = TaskOptions(task="colorize")
+    base, data = _mean_colour(opts), _load_photos(opts)
+    ab = data.crops(4096, PATCH, torch.Generator().manual_seed(0))[:, 1:].numpy().astype(float)
+    mean = ab.mean(axis=(0, 2, 3))[None, :, None, None]
+    val = data.val[:, 1:].numpy().astype(float)
+    assert base.train_loss == pytest.approx(((ab - mean) ** 2).mean(), rel=1e-9)
+    assert base.val_loss == pytest.approx(((val - mean) ** 2).mean(), rel=1e-9)
+    assert base.train_loss < ((ab - mean - 0.01) ** 2).mean()  # the best constant
 
 
 def test_missing_photo_package_names_the_install_command(monkeypatch):
@@ -78,3 +109,27 @@ def test_image_folder_option_and_its_errors(tmp_path):
     (tmp_path / "p5.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="cannot read image"):
         photos.PhotoSet.load(tmp_path)
+
+
+def test_debian_photos_name_the_make_target_when_missing(tmp_path, monkeypatch):
+    from soaplab.experiments.data import debian_photos
+
+    monkeypatch.setattr(debian_photos, "FOLDER", tmp_path / "none")
+    with pytest.raises(FileNotFoundError, match="--images debian: no photos in .*make photos"):
+        photos.PhotoSet.load("debian")
+
+
+def test_debian_photos_keep_only_the_listed_photos_of_each_package():
+    from soaplab.experiments.data.debian_photos import PACKAGES, _keep
+
+    _, pattern, names = PACKAGES["lomiri-wallpapers-16.04"]
+    assert _keep("./usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg", pattern,
+                 names) == "Bridge"
+    assert _keep("./usr/share/backgrounds/umang_by_Abhishek_Mudgal.jpg", pattern, names) is None
+    assert _keep("./usr/share/backgrounds/mate/nature/Aqua.jpg", pattern, names) is None
+    _, pattern, names = PACKAGES["opencv-doc"]
+    assert _keep("./usr/share/doc/opencv-doc/examples/data/smarties.png", pattern,
+                 names) == "smarties"
+    assert _keep("./usr/share/doc/opencv-doc/examples/data/starry_night.jpg", pattern,
+                 names) is None
+    assert sum(len(p[2]) for p in PACKAGES.values()) == 46

@@ -8,6 +8,7 @@ import torch
 from soaplab.experiments.loop import TrainConfig, lr_factor, train
 from soaplab.experiments.models.colorizer import Colorizer
 from soaplab.experiments.models.gpt import GPT, GPTConfig
+from soaplab.experiments.run_folder import load_checkpoint
 from soaplab.experiments.tasks import TaskOptions
 from soaplab.reporting.runs import read_jsonl
 
@@ -114,3 +115,21 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(train.steps: the folder has 4, "
                                          r"this command 8\)"):
         train(LM, dataclasses.replace(cfg, steps=8), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "soap"])
+def test_bf16_autocast_trains_close_to_fp32_with_fp32_state(tmp_path, optimizer):
+    cfg = TrainConfig(optimizer=optimizer, steps=30, warmup=5, eval_every=15, lr=1e-2,
+                      checkpoint_every=30, progress=False)
+    fp32 = records(LM, cfg, tmp_path / "fp32")
+    bf16 = records(LM, dataclasses.replace(cfg, precision="bf16"), tmp_path / "bf16")
+    first = bf16[0]["train_loss"] / fp32[0]["train_loss"]
+    assert first != 1 and first == pytest.approx(1, abs=1e-2)  # bf16 rounding, nothing more
+    assert sum(r["train_loss"] for r in bf16[-5:]) < 0.9 * sum(r["train_loss"] for r in bf16[:5])
+    assert bf16[-1]["val_loss"] == pytest.approx(fp32[-1]["val_loss"], rel=0.05)
+    state = load_checkpoint(tmp_path / "bf16" / "checkpoint.pt")
+    assert state["settings"]["train"]["precision"] == "bf16"
+    tensors = [*state["model"].values(), *(v for s in state["optimizer"]["state"].values()
+                                           for v in s.values() if torch.is_tensor(v))]
+    floats = [t for t in tensors if t.is_floating_point() and t.numel() > 1]
+    assert floats and all(t.dtype == torch.float32 for t in floats)

@@ -11,7 +11,7 @@ import torch
 
 from soaplab import torchrun
 from soaplab.experiments.compare import CompareConfig, compare
-from soaplab.experiments.loop import TrainConfig
+from soaplab.experiments.loop import PRECISIONS, TrainConfig
 from soaplab.experiments.tasks import TASKS, TaskOptions
 from soaplab.registry import OPTIMIZERS
 
@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="run folder (default %(default)s); must be empty or new unless "
                             "--resume or --overwrite")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="fp32, or bf16 autocast for the model's forward and loss (params "
+                            "and optimizer state stay fp32; default fp32)")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is faster on a "
                             "busy shared machine, where threads spin-wait on each other)")
@@ -131,7 +134,8 @@ def _config(args: argparse.Namespace) -> CompareConfig:
     given = vars(args)  # the task's own flags (tasks.TASKS) are named after TaskOptions fields
     task = TaskOptions(**{f.name: given[f.name] for f in fields(TaskOptions) if f.name in given})
     train = TrainConfig(steps=args.steps, warmup=min(args.warmup, args.steps),
-                        eval_every=args.eval_every, device=torchrun.device(args.device),
+                        eval_every=args.eval_every, precision=args.precision,
+                        device=torchrun.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
                          lrs=args.lrs, seeds=args.seeds, batch_sizes=args.batch_sizes,

@@ -148,7 +148,7 @@ def compare(cfg: CompareConfig) -> Path:
     sections, figures = sweeps.sections(rows, cfg.out, len(cfg.seeds) > 1,
                                         bool(cfg.batch_sizes), bool(cfg.lengths))
     environment = read_config(cfg.out)["environment"]  # where the comparison began
-    return write_report(cfg.out, cfg.task.task, rows, results, targets, environment, sections,
+    return write_report(cfg.out, cfg.task, rows, results, targets, environment, sections,
                         figures)
 
 

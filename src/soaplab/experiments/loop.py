@@ -38,6 +38,7 @@ class TrainConfig:
     clip: float = 1.0
     eval_every: int = 25
     seed: int = 0
+    precision: str = "fp32"  # "bf16": autocast the model's forward and loss (see autocast)
     device: str = "cpu"
     checkpoint_every: int = 0
     stop_at: int | None = None  # end this session early (the schedule still spans `steps`)
@@ -56,6 +57,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast for the forward pass and loss (training and evaluation), as real GPU
+    training runs; parameters, gradients and the optimizer's state stay fp32."""
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose {' or '.join(PRECISIONS)}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -116,7 +128,8 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
         record.update(step=step + 1, train_time=train_time, lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             task.model.eval()  # every rank, on its replica: they are identical
-            record["val_loss"] = task.evaluate(task.model)
+            with autocast(cfg, device):
+                record["val_loss"] = task.evaluate(task.model)
             task.model.train()
             bar.set_postfix_str(f"val={record['val_loss']:.3f} at step {step + 1}",
                                 refresh=False)
@@ -194,7 +207,8 @@ def _train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer,
     """One step on this rank's slice of the global batch; the loss logged is the global one."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    loss = task.loss(model, torchrun.shard(task.sample(gen)))
+    with autocast(cfg, device):
+        loss = task.loss(model, torchrun.shard(task.sample(gen)))
     global_loss = torchrun.mean(loss.detach())  # so that every rank takes the same branch below
     if not torch.isfinite(global_loss):
         return {"train_loss": float("nan"), "step_time": 0.0, "optimizer_time": 0.0}

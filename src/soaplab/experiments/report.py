@@ -11,7 +11,7 @@ import torch
 
 from soaplab.experiments.data.photos import lab_to_rgb
 from soaplab.experiments.loop import RunResult
-from soaplab.experiments.tasks import spec
+from soaplab.experiments.tasks import TaskOptions, spec
 from soaplab.reporting import plots
 from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
@@ -67,28 +67,50 @@ def _target_text(rows: list[dict[str, Any]], targets: dict[tuple, float]) -> str
     return " (none: no AdamW run)"
 
 
-def write_report(out: Path, task: str, rows: list[dict[str, Any]],
+def _baseline(opts: TaskOptions, rows: list[dict[str, Any]]
+              ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The task's baseline (if it has one) as a table row, and which runs beat it on the
+    validation set: a result counts only where a run does."""
+    make = spec(opts.task).baseline
+    if make is None:
+        return [], []
+    base = make(opts)
+    runs: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        final = r["final_val_loss"]
+        beat = final is not None and not r["diverged"] and final < base.val_loss
+        runs[f"{r['curve']} lr {r['lr']:g}"].append(beat)
+    tally = [f"{k} ({sum(v)} of {len(v)})" for k, v in runs.items()]
+    return ([{"optimizer": f"{base.name} (baseline)", "final_train_loss": base.train_loss,
+              "final_val_loss": base.val_loss}],
+            [f"Baseline: predicting the {base.name} everywhere scores {base.train_loss:.4f} on "
+             f"training batches and {base.val_loss:.4f} on the validation set. Runs whose "
+             f"final validation loss beats it: {', '.join(tally)}.", ""])
+
+
+def write_report(out: Path, task: TaskOptions, rows: list[dict[str, Any]],
                  results: dict[str, RunResult], targets: dict[tuple, float],
                  env: dict[str, Any], sections: list[str] = (),
                  extra_figures: list[Path] = ()) -> Path:
-    """``rows`` come from ``compare.summarize``; ``results`` give the trained models (None
-    for runs read back from their summaries) for the colorization strip; ``targets`` are
-    AdamW's per cell (batch size, length, seed); ``env`` is the machine the comparison ran on
-    (``reporting.runs.environment``); ``sections`` and ``extra_figures`` (the sweeps'
-    summaries) go after the table of runs."""
-    metric = spec(task).metric
+    """``task`` is the comparison's task options; ``rows`` come from ``compare.summarize``;
+    ``results`` give the trained models (None for runs read back from their summaries) for the
+    colorization strip; ``targets`` are AdamW's per cell (batch size, length, seed); ``env``
+    is the machine the comparison ran on (``reporting.runs.environment``); ``sections`` and
+    ``extra_figures`` (the sweeps' summaries) go after the table of runs and the baseline."""
+    baseline_rows, baseline_lines = _baseline(task, rows)
+    name, metric = task.task, spec(task.task).metric
     figures = [
         plots.line_plot(_curves(rows, "step"), out / "val_loss_vs_steps.png",
                         xlabel="step", ylabel=f"validation {metric}", logy=True,
-                        title=f"{task}: validation loss against steps"),
+                        title=f"{name}: validation loss against steps"),
         plots.line_plot(_curves(rows, "train_time"), out / "val_loss_vs_time.png",
                         xlabel="training seconds (evaluation excluded)",
                         ylabel=f"validation {metric}", logy=True,
-                        title=f"{task}: validation loss against wall-clock"),
+                        title=f"{name}: validation loss against wall-clock"),
         plots.line_plot(_curves(rows, "step", "train_loss"),
                         out / "train_loss_vs_steps.png", xlabel="step",
                         ylabel=f"training {metric}\n(mean between evaluations)", logy=True,
-                        title=f"{task}: training loss against steps"),
+                        title=f"{name}: training loss against steps"),
     ]
     figures += extra_figures
     drift = _drift_curves(rows)
@@ -102,7 +124,7 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
     if examples is not None:
         figures.append(examples)
     threads = f"{env['threads']} thread" + ("s" if env["threads"] != 1 else "")
-    lines = [f"# soaplab compare {task}", "",
+    lines = [f"# soaplab compare {name}", "",
              f"Machine: {env['machine']}, {threads}, torch {env['torch']}"
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
@@ -111,9 +133,9 @@ def write_report(out: Path, task: str, rows: list[dict[str, Any]],
              "its lrs, for each seed, batch size and length)" + _target_text(rows, targets)
              + "; steps/seconds to target are the first evaluation at or below it "
              "(training time only, evaluations excluded).", "",
-             markdown_table(rows, [c for c in COLUMNS if any(r.get(c) is not None
-                                                             for r in rows)]), "",
-             *sections]
+             markdown_table(rows + baseline_rows,
+                            [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]),
+             "", *baseline_lines, *sections]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     return atomic_write(out / "report.md", "\n".join(lines) + "\n")
 

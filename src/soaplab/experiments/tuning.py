@@ -5,8 +5,10 @@ the sweep recorded in docs/experiments.md ("Learning-rate sweep"): each optimize
 every lr of the sweep on the default task and size, and the lr with the lowest final
 validation loss is the one kept. Rerun the sweep with
 ``soaplab compare lm --optimizers soap --lrs 3e-3,1e-2,3e-2`` (Adafactor, whose lr is a
-relative step size, with ``--lrs 1e-2,3e-2,1e-1``), and likewise for colorize. The lm lrs of
-AdamW and Muon come from the 1200-step grids of the same page ("The 1200-step lm budget"). A
+relative step size, with ``--lrs 1e-2,3e-2,1e-1``). The lm lrs of AdamW and Muon come from
+the 1200-step grids of the same page ("The 1200-step lm budget"); the colorize lrs of AdamW,
+Muon, Shampoo and SOAP from the 600-step grids on the Debian photos in docs/results.md
+("Colorization"). A
 variant (``soap_factorized``) uses its family's (``soap``) lr and settings; see
 soaplab/registry.py.
 """

@@ -1,9 +1,10 @@
 """Colour photographs for colorization: luminance in, chrominance out (CIE Lab).
 
-The default set is the natural photos bundled with scikit-image, scikit-learn and matplotlib;
-``--images DIR`` takes any folder of JPEG/PNG files. Training uses patches cut from the training
-photos; validation uses whole held-out photos, resized, so it measures generalisation to
-unseen scenes.
+Three sources (``--images``): the natural photos bundled with scikit-image, scikit-learn and
+matplotlib (the default); ``debian``, 46 photos from three Debian packages that ``make photos``
+installs (see ``debian_photos``); or any folder of JPEG/PNG files. Whole photos are held out
+for validation, so it measures generalisation to unseen scenes. Training crops are cut at
+random from the other photos, each kept at several scales, and flipped at random.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 
 INSTALL_HINT = "pip install scikit-image scikit-learn matplotlib (or pip install -e '.[data]')"
 VALIDATION = ("chelsea", "flower", "grace_hopper")
+SCALES = (96, 160, 256)  # short sides a training photo is kept at: whole scenes to textures
+VAL_SIZE = 96  # held-out photos: centre squares at this size, as whole as the smallest scale
 
 
 def _bundled() -> dict[str, np.ndarray]:
@@ -39,25 +42,45 @@ def _bundled() -> dict[str, np.ndarray]:
     return photos
 
 
-def _folder(path: Path) -> dict[str, np.ndarray]:
-    from skimage import io
+def _read(path: Path) -> np.ndarray:
+    """An RGB photo decoded at no more than twice the largest size it is used at: JPEG's draft
+    mode decodes a 16-megapixel wallpaper at 1/8 scale in milliseconds instead of seconds."""
+    from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (2 * SCALES[-1], 2 * SCALES[-1]))
+            return np.asarray(image.convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable file
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def _folder(path: Path) -> dict[str, np.ndarray]:
     if not path.is_dir():
         raise FileNotFoundError(f"--images {path}: no such folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if len(files) < 2:
         raise FileNotFoundError(f"--images {path}: need at least 2 JPEG/PNG photos, found "
                                 f"{len(files)}")
-    photos = {}
-    for f in files:
-        try:
-            image = io.imread(f)
-        except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable file
-            raise ValueError(f"cannot read image {f}: {err}") from None
-        if image.ndim != 3 or image.shape[2] < 3:
-            raise ValueError(f"{f} is not a colour photo (shape {image.shape})")
-        photos[f.stem] = image[..., :3]
-    return photos
+    return {f.stem: _read(f) for f in files}
+
+
+def _source(images: str | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The photos of ``--images`` and the names held out for validation: the bundled set's
+    three, else every fifth photo by name (the Debian set's names start with their package,
+    so each package gives some)."""
+    if images is None:
+        photos = _bundled()
+        return photos, [n for n in sorted(photos) if n in VALIDATION]
+    if images == "debian":
+        from soaplab.experiments.data.debian_photos import FOLDER, MAKE_HINT
+
+        if not FOLDER.is_dir():
+            raise FileNotFoundError(f"--images debian: no photos in {FOLDER}; {MAKE_HINT}")
+        photos = _folder(FOLDER)
+    else:
+        photos = _folder(Path(images))
+    return photos, sorted(photos)[4::5]
 
 
 def to_lab(rgb: np.ndarray) -> torch.Tensor:
@@ -69,38 +92,47 @@ def to_lab(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(scaled).float()
 
 
-def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
-    from skimage.transform import rescale
+def _at(rgb: np.ndarray, short_side: int) -> torch.Tensor:
+    """The photo resized (Lanczos, by PIL: skimage's rescale takes seconds a photo) to this
+    short side, in scaled Lab."""
+    from PIL import Image
 
-    return rescale(rgb, scale, channel_axis=-1, anti_aliasing=True)
+    h, w = rgb.shape[:2]
+    size = (round(w * short_side / min(h, w)), round(h * short_side / min(h, w)))
+    image = Image.fromarray(np.asarray(rgb[..., :3], dtype=np.uint8))
+    return to_lab(np.asarray(image.resize(size, Image.Resampling.LANCZOS)) / 255.0)
 
 
 @dataclass
 class PhotoSet:
-    """Training patches (N, 3, p, p) and validation photos (M, 3, s, s), both in scaled Lab."""
+    """Training photos (scaled Lab, one (3, H, W) tensor per photo and scale) and validation
+    photos (M, 3, VAL_SIZE, VAL_SIZE)."""
 
-    train: torch.Tensor
+    train: list[torch.Tensor]
     val: torch.Tensor
     train_names: list[str]
     val_names: list[str]
 
     @classmethod
-    def load(cls, folder: str | Path | None = None, patch: int = 32,
-             val_size: int = 96) -> PhotoSet:
-        photos = _bundled() if folder is None else _folder(Path(folder))
-        names = sorted(photos)
-        val_names = [n for n in names if n in VALIDATION] if folder is None \
-            else names[-max(1, len(names) // 5):]
-        train_names = [n for n in names if n not in val_names]
-        patches = []
-        for name in train_names:
-            lab = to_lab(_resize(photos[name], 256 / min(photos[name].shape[:2])))
-            windows = lab.unfold(1, patch, patch // 2).unfold(2, patch, patch // 2)
-            patches.append(windows.permute(1, 2, 0, 3, 4).reshape(-1, 3, patch, patch))
-        val = [to_lab(_resize(_square(photos[n]), val_size / min(photos[n].shape[:2])))
-               for n in val_names]
-        return cls(torch.cat(patches), torch.stack([v[:, :val_size, :val_size] for v in val]),
-                   train_names, val_names)
+    def load(cls, images: str | Path | None = None) -> PhotoSet:
+        photos, val_names = _source(None if images is None else str(images))
+        train_names = [n for n in sorted(photos) if n not in val_names]
+        train = [_at(photos[n], side) for n in train_names for side in SCALES]
+        val = torch.stack([_at(_square(photos[n]), VAL_SIZE)[:, :VAL_SIZE, :VAL_SIZE]
+                           for n in val_names])
+        return cls(train, val, train_names, val_names)
+
+    def crops(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` random ``size``-square crops (N, 3, size, size): each from a random photo and
+        scale, at a random place, flipped left-right half the time."""
+        out = []
+        for i in torch.randint(len(self.train), (n,), generator=gen).tolist():
+            image = self.train[i]
+            top, left = (int(torch.randint(d - size + 1, (1,), generator=gen))
+                         for d in image.shape[1:])
+            crop = image[:, top:top + size, left:left + size]
+            out.append(crop.flip(-1) if torch.rand(1, generator=gen) < 0.5 else crop)
+        return torch.stack(out)
 
 
 def _square(rgb: np.ndarray) -> np.ndarray:
