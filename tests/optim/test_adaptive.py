@@ -168,3 +168,15 @@ def test_switching_adaptive_refresh_on_starts_the_diagonals_exactly():
 def test_bad_tolerance_is_a_clear_error():
     with pytest.raises(ValueError, match="refresh_tolerance"):
         SOAP([torch.nn.Parameter(torch.randn(3, 3))], refresh_tolerance=-1.0)
+
+
+def test_lossy_bases_are_reorthonormalized_only_where_a_refresh_happens(monkeypatch):
+    from soaplab.optim import soap
+
+    calls = []
+    real = soap.bjorck
+    monkeypatch.setattr(soap, "bjorck", lambda Q: calls.append(Q.shape) or real(Q))
+    run(9, refresh_tolerance=math.inf, basis_storage="bf16")  # checks, but nothing to refresh
+    assert calls == []
+    run(9, basis_storage="bf16")  # the fixed schedule: every basis at every refresh
+    assert len(calls) == 4 * 5  # 4 refreshes (t = 2, 4, 6, 8) × 5 stacked axes (2 + 3)

@@ -209,7 +209,11 @@ class SOAP(KroneckerOptimizer):
             return
         adaptive_ = _adaptive(group)
         refresh = eigh_step if group["refresh"] == "eigh" else power_qr_step
-        bases = _bases(bucket, orthonormal=True)
+        # Bases stored lossy are made orthonormal before use: all of them on the fixed
+        # schedule, on the adaptive one only along axes with something to refresh.
+        bases = _bases(bucket)
+        if not adaptive_:
+            bases = {axis: _orthonormal(bucket, Q) for axis, Q in bases.items()}
         start = time.perf_counter()
         factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
         if adaptive_:
@@ -232,6 +236,7 @@ class SOAP(KroneckerOptimizer):
                 if chosen is None:
                     new[axis], orders[axis] = refresh(factors[axis], bases[axis], products[axis])
                 elif chosen:
+                    bases[axis] = _orthonormal(bucket, bases[axis])
                     index = torch.tensor(chosen, device=bases[axis].device)
                     basis, order = refresh(factors[axis][index], bases[axis][index])
                     new[axis] = bases[axis].index_copy(0, index, basis)
@@ -305,13 +310,14 @@ def _track_diagonals(bucket: Bucket, group: dict[str, Any], rotated: Tensor) -> 
                              rotated, factor_beta(group))
 
 
-def _bases(bucket: Bucket, orthonormal: bool = False) -> dict[int, Tensor]:
-    """The bases as stored; with ``orthonormal`` (a refresh), bases stored lossy are first
-    made orthonormal again, so the drift, the power step and m's transport start from one."""
-    bases = {axis: bucket.stack(f"basis_{axis}") for axis in bucket.plan.axes}
-    if orthonormal and not storage.codec(bucket.group, "basis_").exact:
-        bases = {axis: bjorck(Q) for axis, Q in bases.items()}
-    return bases
+def _bases(bucket: Bucket) -> dict[int, Tensor]:
+    return {axis: bucket.stack(f"basis_{axis}") for axis in bucket.plan.axes}
+
+
+def _orthonormal(bucket: Bucket, Q: Tensor) -> Tensor:
+    """``Q``, or where bases are stored lossy, ``Q`` made orthonormal again (Björck), so that
+    a refresh's drift, power step and transport of m start from an orthonormal basis."""
+    return Q if storage.codec(bucket.group, "basis_").exact else bjorck(Q)
 
 
 def _second_moment(bucket: Bucket) -> dict[str, Tensor]:
