@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from soaplab.optim.kronecker import gram_diagonal
@@ -45,15 +44,6 @@ def track_diagonals(diagonals: dict[int, Tensor], rotated: Tensor, beta: float) 
     bases are orthogonal, diag(Q_kᵀ G_(k) G_(k)ᵀ Q_k) is the squared norm of G'_(k)'s rows."""
     for axis, diagonal in diagonals.items():
         diagonal.lerp_(gram_diagonal(rotated, axis), 1 - beta)
-
-
-def tracked_drift(factor: Tensor, diagonal: Tensor) -> Tensor:
-    """‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F from ‖A‖_F and the tracked diag(QᵀAQ), per batch row
-    (in float64: the difference of squares resolves drifts down to about √eps of the dtype)."""
-    total = factor.square().sum(dim=(-2, -1), dtype=torch.float64)
-    on_diagonal = diagonal.square().sum(dim=-1, dtype=torch.float64)
-    off = (total - on_diagonal).clamp_min(0).sqrt()
-    return off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def choose(drifts: dict[int, Tensor], tolerance: float, shape: tuple[int, ...],

@@ -60,14 +60,22 @@ def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
 def drift(A: Tensor, AQ: Tensor, Q: Tensor) -> Tensor:
     """‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F for each factor: how far Q is from A's eigenbasis.
 
-    Read from the power step's own product ``AQ`` = A @ Q at no matmul cost: ‖QᵀAQ‖_F = ‖A‖_F
-    for orthogonal Q, so the off-diagonal mass is ‖A‖_F² − Σ diag². The subtraction limits the
-    resolution to about √(working eps) (1e-3 in float32); an all-zero factor has drift 0.
+    Read from the power step's own product ``AQ`` = A @ Q at no matmul cost (see
+    :func:`drift_from_diagonal`)."""
+    return drift_from_diagonal(A, rayleigh(AQ, Q)).to(A.dtype)
+
+
+def drift_from_diagonal(A: Tensor, diagonal: Tensor) -> Tensor:
+    """The drift of a basis Q of each ``A``, given only diag(QᵀAQ), in float64.
+
+    ‖QᵀAQ‖_F = ‖A‖_F for orthogonal Q, so the off-diagonal mass is ‖A‖_F² − Σ diag². The
+    subtraction limits the resolution to about √(working eps) (1e-3 in float32); an all-zero
+    factor has drift 0.
     """
-    total = (A * A).sum(dim=(-2, -1), dtype=torch.float64)
-    diagonal = rayleigh(AQ, Q).square().sum(dim=-1, dtype=torch.float64)
-    off = (total - diagonal).clamp_min(0).sqrt()
-    return (off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)).to(A.dtype)
+    total = A.square().sum(dim=(-2, -1), dtype=torch.float64)
+    on_diagonal = diagonal.square().sum(dim=-1, dtype=torch.float64)
+    off = (total - on_diagonal).clamp_min(0).sqrt()
+    return off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
 
 
 def _columns(X: Tensor, order: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
     bjorck,
     drift,
+    drift_from_diagonal,
     eigenbasis,
     eigh_step,
     power_qr_step,
@@ -218,8 +219,7 @@ class SOAP(KroneckerOptimizer):
         factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
         if adaptive_:
             products = dict.fromkeys(plan.axes)
-            drifts = {axis: adaptive.tracked_drift(factors[axis],
-                                                   bucket.stack(f"diagonal_{axis}"))
+            drifts = {axis: drift_from_diagonal(factors[axis], bucket.stack(f"diagonal_{axis}"))
                       for axis in plan.axes}
         else:
             products = {axis: factors[axis] @ bases[axis] for axis in plan.axes}
