@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from soaplab.optim._checks import check_choice
+
 BLOCK = 64  # entries per int8 scale
 OPTIONS = {"factor_storage": ("full", "bf16", "packed", "packed_bf16"),
            "basis_storage": ("full", "bf16", "int8"),
@@ -86,9 +88,7 @@ _CODECS = {name: Codec(name) for names in OPTIONS.values() for name in names}
 def check_options(**options: Any) -> None:
     """ValueError naming the first storage option that is not one of its choices."""
     for name, value in options.items():
-        if value not in OPTIONS[name]:
-            allowed = ", ".join(repr(c) for c in OPTIONS[name])
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_choice(name, value, OPTIONS[name])
 
 
 def codec(group: dict[str, Any], key: str) -> Codec:
