@@ -35,6 +35,35 @@ def test_nonfinite_factor_raises_typed_error():
         mf.power_qr_step(A, torch.eye(3)[None])
 
 
+@pytest.mark.parametrize("method", ["householder", "cholesky_qr2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_power_step_refuses_a_nonfinite_factor_with_either_qr(method, bad, monkeypatch):
+    monkeypatch.setattr(mf, "FASTEST_QR", {"cpu": method})
+    A, Q = random_spd(4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
+    A = A.float()[None].clone()
+    A[0, 2, 3] = A[0, 3, 2] = bad
+    with pytest.raises(mf.MatrixFunctionError, match="NaN or Inf"):
+        mf.power_qr_step(A, Q.float()[None])
+
+
+def test_times_basis_is_a_times_q_laid_out_column_major():
+    A = torch.randn(3, 7, 9, dtype=torch.float64)
+    A = A @ A.mT
+    Q = torch.linalg.qr(torch.randn(3, 7, 7, dtype=torch.float64)).Q
+    AQ = mf.times_basis(A, Q)
+    torch.testing.assert_close(AQ, A @ Q, atol=1e-12, rtol=0)
+    assert AQ.mT.is_contiguous()
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_gather_columns_takes_each_batch_members_columns_in_its_order(column_major):
+    X = torch.randn(4, 6, 6)
+    X = X.mT.contiguous().mT if column_major else X
+    order = torch.stack([torch.randperm(6) for _ in range(4)])
+    expected = torch.stack([X[b][:, order[b]] for b in range(4)])
+    torch.testing.assert_close(mf.gather_columns(X, order), expected, atol=0, rtol=0)
+
+
 def test_eigh_failure_in_float32_is_retried_in_float64(eigh_fails_in_float32):
     calls = eigh_fails_in_float32
     A, _ = random_spd(4, torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64))
@@ -109,8 +138,8 @@ def test_orthonormalize_falls_back_on_rank_deficient_input(monkeypatch):
     B = torch.randn(10, 3, dtype=torch.float64)
     Y = ((B @ B.T) @ torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64)).Q)[None]
     calls = []
-    real_qr = torch.linalg.qr
-    monkeypatch.setattr(torch.linalg, "qr", lambda X: calls.append(1) or real_qr(X))
+    real_geqrf = torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda X: calls.append(1) or real_geqrf(X))
     Q = mf.orthonormalize(Y, "cholesky_qr2")
     assert calls  # Cholesky QR broke down, Householder QR answered
     torch.testing.assert_close(Q[0].T @ Q[0], torch.eye(10, dtype=torch.float64))

@@ -17,7 +17,10 @@ class MatrixFunctionError(RuntimeError):
 
 
 def _check_finite(A: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(A).all()):
+    # One norm, a single pass (isfinite(A).all() makes four): NaN and Inf propagate into it.
+    # A norm that overflows with finite entries is told apart by the exact test.
+    if not bool(torch.isfinite(torch.linalg.vector_norm(A))) and \
+            not bool(torch.isfinite(A).all()):
         raise MatrixFunctionError(f"{what}: factor or result contains NaN or Inf")
 
 
@@ -46,6 +49,14 @@ def eigenbasis(A: Tensor) -> Tensor:
     return evecs.flip(-1)
 
 
+def times_basis(A: Tensor, Q: Tensor) -> Tensor:
+    """A·Q for symmetric ``A``, computed as (Qᵀ A)ᵀ: the same product, laid out column-major.
+
+    That is LAPACK's layout, so the QR of its columns copies nothing in, and gathering its
+    columns (:func:`power_qr_step`'s sort) copies whole rows of Qᵀ A."""
+    return (Q.mT @ A).mT
+
+
 def rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
     """The Rayleigh quotients diag(Qᵀ A Q), given the product ``AQ`` = A @ Q."""
     return (AQ * Q).sum(dim=-2)
@@ -54,7 +65,11 @@ def rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
 def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
     """Column order that sorts the Rayleigh quotients diag(Qᵀ A Q) in descending order,
     given the product ``AQ`` = A @ Q."""
-    return torch.argsort(rayleigh(AQ, Q), dim=-1, descending=True)
+    return _descending(rayleigh(AQ, Q))
+
+
+def _descending(quotients: Tensor) -> Tensor:
+    return torch.argsort(quotients, dim=-1, descending=True)
 
 
 def drift(A: Tensor, AQ: Tensor, Q: Tensor) -> Tensor:
@@ -72,29 +87,41 @@ def drift_from_diagonal(A: Tensor, diagonal: Tensor) -> Tensor:
     subtraction limits the resolution to about √(working eps) (1e-3 in float32); an all-zero
     factor has drift 0.
     """
-    total = A.square().sum(dim=(-2, -1), dtype=torch.float64)
+    total = torch.linalg.vector_norm(A, dim=(-2, -1)).double().square()
     on_diagonal = diagonal.square().sum(dim=-1, dtype=torch.float64)
     off = (total - on_diagonal).clamp_min(0).sqrt()
     return off / total.sqrt().clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _columns(X: Tensor, order: Tensor) -> Tensor:
-    return torch.gather(X, -1, order.unsqueeze(-2).expand_as(X))
+def gather_columns(X: Tensor, order: Tensor) -> Tensor:
+    """The columns of each X in ``order``, as rows of Xᵀ (whole-row copies when X is
+    column-major, as :func:`times_basis` makes it)."""
+    batch = torch.arange(X.shape[0], device=X.device).unsqueeze(-1)
+    return X.mT[batch, order].mT
 
 
 def _householder_q(Y: Tensor) -> Tensor:
+    """Q of Y by LAPACK's (cuSOLVER's) Householder QR: geqrf, then the product of its
+    reflectors, skipping the R that ``torch.linalg.qr`` would also form."""
+    def q_of(X: Tensor) -> Tensor:
+        reflectors, tau = torch.geqrf(X.mT.contiguous().mT)  # column-major: no copy if it is
+        return torch.linalg.householder_product(reflectors, tau)
+
     try:
-        return torch.linalg.qr(Y).Q
+        Q = q_of(Y)
     except torch.linalg.LinAlgError:
         try:
-            return torch.linalg.qr(Y.double()).Q.to(Y.dtype)
+            Q = q_of(Y.double()).to(Y.dtype)
         except torch.linalg.LinAlgError:
             raise MatrixFunctionError("QR failed in float32 and float64") from None
+    _check_finite(Q, "Householder QR")
+    return Q
 
 
 def _cholesky_qr2(Y: Tensor) -> Tensor | None:
     """Q of Y by two passes of Cholesky QR (Y R⁻¹ with RᵀR = YᵀY), or None if it breaks down
-    or Q is not orthogonal to working precision; one host sync decides."""
+    or Q is not orthogonal to working precision (so a Q returned is finite); one host sync
+    decides."""
     failed = torch.zeros((), dtype=torch.bool, device=Y.device)
     Q = Y
     for _ in range(2):
@@ -124,7 +151,8 @@ def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     norm leaves Q unchanged and makes Y·D well conditioned, so Cholesky QR (matmuls, a
     Cholesky and a triangular solve) is accurate; two passes make Q orthogonal to working
     precision. Where it breaks down (zero or dependent columns) or Q is not orthogonal,
-    Householder QR takes over.
+    Householder QR takes over. Raises :class:`MatrixFunctionError` rather than return a
+    non-finite Q.
     """
     method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr2")
     if method == "cholesky_qr2":
@@ -150,29 +178,30 @@ def bjorck(Q: Tensor, iterations: int = 2) -> Tensor:
     return Q
 
 
-def power_qr_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def power_qr_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None,
+                  quotients: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One warm-started power-iteration step with QR (SOAP's Algorithm 4).
 
     Returns the new basis and the column order applied to the old one, which the caller must
     apply to any per-coordinate state (Adam's second moment) attached to the old columns.
-    A @ Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted;
-    pass it as ``AQ`` when it is already computed.
+    A·Q serves both the Rayleigh quotients and the power step: A·Q_sorted = (A·Q)_sorted;
+    pass it as ``AQ`` (and the quotients, ``rayleigh(AQ, Q)``) when already computed.
     """
     # Y = A·Q_sorted is exactly the reference's input to QR. On a rank-deficient factor its
     # null-space columns are round-off; Cholesky QR then breaks down and Householder QR
-    # reproduces the reference's behaviour there too. A non-finite A gives a non-finite Q,
-    # caught by one check of the result.
-    AQ = A @ Q if AQ is None else AQ
-    order = sort_by_rayleigh(AQ, Q)
-    basis = orthonormalize(_columns(AQ, order))
-    _check_finite(basis, "power_qr_step")
-    return basis, order
+    # reproduces the reference's behaviour there too. A non-finite A gives a non-finite Y,
+    # which orthonormalize refuses (within the one host sync it needs anyway).
+    AQ = times_basis(A, Q) if AQ is None else AQ
+    order = _descending(rayleigh(AQ, Q) if quotients is None else quotients)
+    return orthonormalize(gather_columns(AQ, order)), order
 
 
-def eigh_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def eigh_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None,
+              quotients: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact refresh: a fresh eigenbasis, with the old columns matched to it by Rayleigh order."""
-    order = sort_by_rayleigh(A @ Q if AQ is None else AQ, Q)
-    return eigenbasis(A), order
+    if quotients is None:
+        quotients = rayleigh(times_basis(A, Q) if AQ is None else AQ, Q)
+    return eigenbasis(A), _descending(quotients)
 
 
 def inverse_root(A: Tensor, power: float, eps: float) -> Tensor:

@@ -42,12 +42,12 @@ from soaplab.optim.kronecker import from_plan_shape, project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
     bjorck,
-    drift,
     drift_from_diagonal,
     eigenbasis,
     eigh_step,
     power_qr_step,
     rayleigh,
+    times_basis,
 )
 from soaplab.optim.state import resolve_matrix_dtype
 from soaplab.optim.telemetry import RefreshLog
@@ -218,13 +218,13 @@ class SOAP(KroneckerOptimizer):
         start = time.perf_counter()
         factors = {axis: bucket.stack(f"factor_{axis}") for axis in plan.axes}
         if adaptive_:
-            products = dict.fromkeys(plan.axes)
-            drifts = {axis: drift_from_diagonal(factors[axis], bucket.stack(f"diagonal_{axis}"))
-                      for axis in plan.axes}
+            products = quotients = dict.fromkeys(plan.axes)
+            diagonals = {axis: bucket.stack(f"diagonal_{axis}") for axis in plan.axes}
         else:
-            products = {axis: factors[axis] @ bases[axis] for axis in plan.axes}
-            drifts = {axis: drift(factors[axis], products[axis], bases[axis])
-                      for axis in plan.axes}
+            products = {axis: times_basis(factors[axis], bases[axis]) for axis in plan.axes}
+            quotients = diagonals = {axis: rayleigh(products[axis], bases[axis])
+                                     for axis in plan.axes}
+        drifts = {axis: drift_from_diagonal(factors[axis], diagonals[axis]) for axis in plan.axes}
         rows = self._choose(bucket, group, drifts)
         checked = (time.perf_counter() - start) / len(plan.axes)
         new, orders = {}, {}
@@ -234,7 +234,8 @@ class SOAP(KroneckerOptimizer):
             start = time.perf_counter()
             try:
                 if chosen is None:
-                    new[axis], orders[axis] = refresh(factors[axis], bases[axis], products[axis])
+                    new[axis], orders[axis] = refresh(factors[axis], bases[axis], products[axis],
+                                                       quotients[axis])
                 elif chosen:
                     bases[axis] = _orthonormal(bucket, bases[axis])
                     index = torch.tensor(chosen, device=bases[axis].device)
