@@ -85,3 +85,30 @@ def test_cuda_copy_steps_bitwise_and_overflow_is_refused(make):
         p.grad = torch.randn_like(p) * 1e20
     with pytest.raises(ValueError, match="would overflow"):
         opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_cuda_nonfinite_gradient_is_refused_before_any_state_changes(bad):
+    ps, opt = run(OPTIMIZERS["soap"], "cuda", torch.float32, steps=2)
+    before = copy.deepcopy(opt.state_dict())
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    ps[1].grad[3, 5] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(v, after[k][n]) for k, s in before["state"].items()
+               for n, v in s.items() if torch.is_tensor(v))
+
+
+def test_one_optimizer_over_cpu_and_cuda_parameters_steps_both_alike():
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(8, 8, generator=gen)
+    on_cpu, on_gpu = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.cuda())
+    opt = SOAP([on_cpu, on_gpu], lr=0.01, precondition_frequency=3)
+    for _ in range(7):
+        grad = torch.randn(8, 8, generator=gen)
+        on_cpu.grad, on_gpu.grad = grad.clone(), grad.cuda()
+        opt.step()
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(on_cpu, start)

@@ -23,7 +23,13 @@ from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
 from soaplab.optim.distributed.fsdp import ShardedSplit
 from soaplab.optim.interface import Target, local
-from soaplab.optim.kronecker import FactorPlan, plan_factors, to_plan_shape, update_factors
+from soaplab.optim.kronecker import (
+    FactorPlan,
+    from_plan_shape,
+    plan_factors,
+    to_plan_shape,
+    update_factors,
+)
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import state_bytes, state_dtype
 
@@ -84,6 +90,17 @@ class Bucket:
         for axis, value in factors.items():
             self.store(f"factor_{axis}", value, compact=True)
 
+    def apply_update(self, update: Tensor, step_size: float, lr: float,
+                     weight_decay: float) -> None:
+        """p <- p - step_size·u, then the decoupled decay p <- p - lr·wd·p (the reference's
+        order), for the (B, *plan.shape) ``update``: two multi-tensor ops for the bucket
+        rather than two ops per parameter (on CUDA, per-op launches dominate small layers)."""
+        updates = [from_plan_shape(u, self.plan, p.shape).to(p.dtype)
+                   for p, u in zip(self.params, update.unbind(0), strict=True)]
+        torch._foreach_add_(self.params, updates, alpha=-step_size)
+        if weight_decay > 0:
+            torch._foreach_add_(self.params, self.params, alpha=-lr * weight_decay)
+
     def _stored(self, key: str) -> Tensor:
         """The (B, ...) stack of one stored tensor, as stored."""
         tensors = [s[key] for s in self.states]
@@ -98,12 +115,14 @@ class Bucket:
 
 
 def _in_order(views: list[Tensor], base: Tensor) -> bool:
-    """Whether ``views`` are ``base``'s rows 0, 1, ... in order. torch.compile cannot trace
-    data pointers (each comparison is a graph break), so compiled code trusts the order that
-    :meth:`Bucket.store` gave them: a bucket's members keep their param-group order."""
+    """Whether ``views`` (each known to be a view of ``base``) are its rows 0, 1, ... in
+    order. torch.compile cannot trace storage offsets (each comparison is a graph break), so
+    compiled code trusts the order that :meth:`Bucket.store` gave them: a bucket's members keep
+    their param-group order."""
     if torch.compiler.is_compiling():
         return True
-    return all(t.data_ptr() == base[i].data_ptr() for i, t in enumerate(views))
+    offset, stride = base.storage_offset(), base.stride(0)  # no views made: a step checks
+    return all(t.storage_offset() == offset + i * stride for i, t in enumerate(views))
 
 
 class KroneckerOptimizer(torch.optim.Optimizer):
@@ -238,9 +257,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} got a complex gradient for "
                                        f"{self.describe(group, i)}")
                 limit = _largest_safe(p, state_dtype(p, self.matrix_dtype))
-                checked.append((group, i, local(p.grad).abs().amax().double(), limit))
-        # One transfer for all; NaN stays NaN, and fails every comparison below.
-        largest = torch.stack([c[2].cpu() for c in checked]).tolist() if checked else []
+                checked.append((group, i, torch.linalg.vector_norm(local(p.grad), math.inf),
+                                limit))
+        # One transfer per device (stack promotes to the widest dtype); NaN stays NaN, and
+        # fails every comparison below.
+        largest = _to_host([c[2] for c in checked])
         ok = all(m <= c[3] for m, c in zip(largest, checked, strict=True))
         if self._split is not None:  # every rank must take the same branch below
             ok = self._split.all_agree(ok)
@@ -312,6 +333,19 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of optimizer state currently held."""
         return state_bytes(self)
+
+
+def _to_host(scalars: list[Tensor]) -> list[float]:
+    """The values of 0-d tensors, with one device-to-host transfer per device."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for k, x in enumerate(scalars):
+        by_device[x.device].append(k)
+    values = [0.0] * len(scalars)
+    for indices in by_device.values():
+        read = torch.stack([scalars[k] for k in indices]).double().tolist()
+        for k, value in zip(indices, read, strict=True):
+            values[k] = value
+    return values
 
 
 def _largest_safe(p: Tensor, dtype: torch.dtype) -> float:

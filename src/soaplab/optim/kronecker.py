@@ -8,6 +8,7 @@ tensors, shape (B, d_1, ..., d_n), so identical layers share one matmul per axis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ def merge_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     return tuple(merged)
 
 
+@functools.cache  # called for every parameter at every step; plans are immutable
 def plan_factors(shape: tuple[int, ...], *, max_precond_dim: int, merge_dims: bool = False,
                  precondition_1d: bool = False, one_sided: bool = False,
                  data_format: str = "channels_first") -> FactorPlan:

@@ -33,7 +33,7 @@ from soaplab.optim._checks import (
     check_positive,
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer
-from soaplab.optim.kronecker import from_plan_shape, project
+from soaplab.optim.kronecker import project
 from soaplab.optim.matrix_functions import MatrixFunctionError, inverse_root
 from soaplab.optim.state import resolve_matrix_dtype
 
@@ -118,10 +118,7 @@ class Shampoo(KroneckerOptimizer):
         graft_state = {k: bucket.stack(k) for k in ("graft_sq",) if k in bucket.states[0]}
         direction = _direction(bucket, group, exp_avg / (1 - beta1**t), graft_state, t)
         lr, wd = float(group["lr"]), group["weight_decay"]
-        for p, u in zip(bucket.params, direction.unbind(0), strict=True):
-            p.add_(from_plan_shape(u, plan, p.shape).to(p.dtype), alpha=-lr)
-            if wd > 0:
-                p.add_(p, alpha=-lr * wd)
+        bucket.apply_update(direction, lr, lr, wd)
         bucket.store("exp_avg", exp_avg)
         for key, value in graft_state.items():
             bucket.store(key, value)

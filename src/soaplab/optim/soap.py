@@ -38,7 +38,7 @@ from soaplab.optim._checks import (
     check_nonnegative,
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer, factor_beta
-from soaplab.optim.kronecker import from_plan_shape, project, project_back
+from soaplab.optim.kronecker import project, project_back
 from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
     bjorck,
@@ -350,10 +350,7 @@ def _soap_update(bucket: Bucket, group: dict[str, Any]) -> Tensor:
     if group["normalize_grads"]:
         dims = tuple(range(1, update.dim()))
         update = update / update.square().mean(dims, keepdim=True).sqrt().add_(1e-30)
-    for p, u in zip(bucket.params, update.unbind(0), strict=True):
-        p.add_(from_plan_shape(u, bucket.plan, p.shape).to(p.dtype), alpha=-step_size)
-        if wd > 0:
-            p.add_(p, alpha=-lr * wd)
+    bucket.apply_update(update, step_size, lr, wd)
     bucket.store("exp_avg", exp_avg)
     for key, value in v.items():
         bucket.store(key, value)
