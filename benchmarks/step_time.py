@@ -255,8 +255,7 @@ def warm_factors(shape: Shape, count: int, device: torch.device) -> tuple[Tensor
     return tuple(out)
 
 
-PARTS = ("A·Q", "sort+drift", "householder", "cholesky_qr2", "eigh", "transport", "v perm",
-         "sync")
+PARTS = ("A·Q", "sort+drift", *mf.QR_METHODS, "eigh", "transport", "v perm", "sync")
 
 
 def refresh_parts(shapes: list[Shape], device: torch.device,
@@ -264,8 +263,9 @@ def refresh_parts(shapes: list[Shape], device: torch.device,
     """Seconds of each part of one refresh, per matrix shape (batched over its copies) and axis.
 
     ``A·Q`` is the power step; ``sort+drift`` the Rayleigh quotients, their sort, the column
-    gather and the drift; ``householder`` and ``cholesky_qr2`` (with its orthogonality check
-    and its one host sync) the two orthonormalizations; ``eigh`` the exact alternative;
+    gather and the drift; ``householder``, ``cholesky_qr2`` and ``cholesky_qr2_looped``
+    (both with the orthogonality check and its one host sync; the last calls the Cholesky and
+    the triangular solve once per matrix) the orthonormalizations; ``eigh`` the exact one;
     ``transport`` carrying m to the new basis (both axes, on the axis-0 row); ``v perm`` the
     second moment's permutation; ``sync`` one finiteness check read by the host."""
     counts: dict[Shape, int] = defaultdict(int)
@@ -298,8 +298,8 @@ def axis_parts(A: Tensor, Q: Tensor, m: Tensor, axis: int, device: torch.device,
     return {
         "A·Q": median_s(lambda: mf.times_basis(A, Q), device, repeats),
         "sort+drift": median_s(sort_and_drift, device, repeats),
-        "householder": median_s(lambda: mf.orthonormalize(Y, "householder"), device, repeats),
-        "cholesky_qr2": median_s(lambda: mf.orthonormalize(Y, "cholesky_qr2"), device, repeats),
+        **{method: median_s(lambda m=method: mf.orthonormalize(Y, m), device, repeats)
+           for method in mf.QR_METHODS},
         "eigh": median_s(lambda: mf.eigenbasis(A), device, max(1, repeats // 2)),
         "transport": 0.0,
         "v perm": median_s(lambda: permute_axis(m, order, axis), device, repeats),
@@ -367,6 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--only", default=None, help="comma-separated contestants to run")
     ap.add_argument("--heavyball", default="compiled", choices=("compiled", "eager", "skip"))
+    ap.add_argument("--qr", choices=mf.QR_METHODS,
+                    help="the orthonormalization soaplab's refreshes use on this device "
+                         "(default: matrix_functions.FASTEST_QR)")
     ap.add_argument("--windows", type=int, default=None,
                     help="timed windows of 10 steps per optimizer (overrides --steps)")
     ap.add_argument("--no-peers", action="store_true", help="skip pytorch_optimizer and heavyball")
@@ -388,6 +391,8 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, as on CPU
+    if args.qr:
+        mf.FASTEST_QR[device.type] = args.qr
     return device
 
 
@@ -469,8 +474,9 @@ def main(argv: list[str] | None = None) -> None:
              else f"{cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     print(f"GPT width {args.width}, {args.layers} layers, vocab {args.vocab}, block "
           f"{args.block}: {len(shapes)} tensors, {n_params / 1e6:.2f} M parameters")
+    qr = mf.FASTEST_QR.get(device.type, "cholesky_qr2")
     print(f"device {device.type} ({where}); torch {torch.__version__}; "
-          f"precondition_frequency {FREQ}; {rounds} rounds of {FREQ} steps")
+          f"precondition_frequency {FREQ}; {rounds} rounds of {FREQ} steps; soaplab QR: {qr}")
     print(f"matmul floor: {flops / 1e9:.2f} GFLOP per step at {flops / floor_s / 1e9:.0f} "
           f"GFLOP/s measured = {floor_s * 1e3:.1f} ms\n")
     print(table(contestants, floor_s, skipped))

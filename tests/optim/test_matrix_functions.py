@@ -35,7 +35,7 @@ def test_nonfinite_factor_raises_typed_error():
         mf.power_qr_step(A, torch.eye(3)[None])
 
 
-@pytest.mark.parametrize("method", ["householder", "cholesky_qr2"])
+@pytest.mark.parametrize("method", mf.QR_METHODS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_power_step_refuses_a_nonfinite_factor_with_either_qr(method, bad, monkeypatch):
     monkeypatch.setattr(mf, "FASTEST_QR", {"cpu": method})
@@ -121,7 +121,7 @@ def test_inverse_root_of_rank_deficient_factor_is_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method", [None, "householder", "cholesky_qr2"])
+@pytest.mark.parametrize("method", [None, *mf.QR_METHODS])
 def test_orthonormalize_equals_householder_q_up_to_signs(dtype, method):
     A = torch.randn(3, 24, 40, dtype=dtype)
     P = A @ A.mT
@@ -134,13 +134,14 @@ def test_orthonormalize_equals_householder_q_up_to_signs(dtype, method):
     torch.testing.assert_close((Q.mT @ reference).abs(), eye, atol=tol, rtol=0)
 
 
-def test_orthonormalize_falls_back_on_rank_deficient_input(monkeypatch):
+@pytest.mark.parametrize("method", ["cholesky_qr2", "cholesky_qr2_looped"])
+def test_orthonormalize_falls_back_on_rank_deficient_input(monkeypatch, method):
     B = torch.randn(10, 3, dtype=torch.float64)
     Y = ((B @ B.T) @ torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64)).Q)[None]
     calls = []
     real_geqrf = torch.geqrf
     monkeypatch.setattr(torch, "geqrf", lambda X: calls.append(1) or real_geqrf(X))
-    Q = mf.orthonormalize(Y, "cholesky_qr2")
+    Q = mf.orthonormalize(Y, method)
     assert calls  # Cholesky QR broke down, Householder QR answered
     torch.testing.assert_close(Q[0].T @ Q[0], torch.eye(10, dtype=torch.float64))
 
@@ -156,3 +157,8 @@ def test_drift_is_the_relative_off_diagonal_mass_of_the_rotated_factor():
     exact = torch.linalg.eigh(P).eigenvectors
     assert mf.drift(P, P @ exact, exact).max() < 1e-7
     assert mf.drift(torch.zeros(1, 3, 3), torch.zeros(1, 3, 3), torch.eye(3)[None]).item() == 0
+
+
+def test_orthonormalize_names_its_methods_when_given_another():
+    with pytest.raises(ValueError, match="householder"):
+        mf.orthonormalize(torch.eye(3)[None], "gram_schmidt")

@@ -118,16 +118,24 @@ def _householder_q(Y: Tensor) -> Tensor:
     return Q
 
 
-def _cholesky_qr2(Y: Tensor) -> Tensor | None:
+def _cholesky_qr2(Y: Tensor, looped: bool = False) -> Tensor | None:
     """Q of Y by two passes of Cholesky QR (Y R⁻¹ with RᵀR = YᵀY), or None if it breaks down
     or Q is not orthogonal to working precision (so a Q returned is finite); one host sync
-    decides."""
+    decides. ``looped``: one Cholesky and one triangular solve per matrix of the batch rather
+    than the batched kernels (which cuSOLVER and cuBLAS tune for small matrices)."""
     failed = torch.zeros((), dtype=torch.bool, device=Y.device)
     Q = Y
     for _ in range(2):
-        R, info = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
+        gram = Q.mT @ Q
+        if looped:
+            pieces = [torch.linalg.cholesky_ex(g, upper=True) for g in gram]
+            R, info = torch.stack([r for r, _ in pieces]), torch.stack([i for _, i in pieces])
+            Q = torch.stack([torch.linalg.solve_triangular(r, q, upper=True, left=False)
+                             for r, q in zip(R, Q, strict=True)])
+        else:
+            R, info = torch.linalg.cholesky_ex(gram, upper=True)
+            Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
         failed |= info.any()
-        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
     eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
     tolerance = 100 * Y.shape[-1] * torch.finfo(Y.dtype).eps
     failed |= ~((Q.mT @ Q - eye).abs().amax() <= tolerance)  # NaN compares False
@@ -138,13 +146,15 @@ def _cholesky_qr2(Y: Tensor) -> Tensor | None:
 # benchmarks/step_time.py --parts; docs/benchmarks.md): LAPACK's Householder QR beats
 # Cholesky QR2 with its check on CPU; on GPUs Cholesky QR2 (matmuls) wins several times over.
 FASTEST_QR = {"cpu": "householder"}
+QR_METHODS = ("householder", "cholesky_qr2", "cholesky_qr2_looped")
 
 
 def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     """The Q factor of each ``Y``'s QR decomposition (column signs arbitrary).
 
-    ``method``: "householder" (LAPACK/cuSOLVER QR) or "cholesky_qr2"; None picks the fastest
-    for Y's device (:data:`FASTEST_QR`, Cholesky QR2 where not listed).
+    ``method``: one of :data:`QR_METHODS`: "householder" (LAPACK/cuSOLVER QR), "cholesky_qr2"
+    or "cholesky_qr2_looped" (the same, one matrix at a time); None picks the fastest for Y's
+    device (:data:`FASTEST_QR`, Cholesky QR2 where not listed).
 
     SOAP's refresh calls this on Y = P·Q_old, whose columns are nearly orthogonal (the warm
     start is close to P's eigenvectors) with norms ≈ eigenvalues. Scaling the columns to unit
@@ -155,9 +165,12 @@ def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     non-finite Q.
     """
     method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr2")
-    if method == "cholesky_qr2":
+    if method not in QR_METHODS:
+        raise ValueError(f"orthonormalize: method must be one of {QR_METHODS}, got {method!r}")
+    if method.startswith("cholesky_qr2"):
         tiny = torch.finfo(Y.dtype).tiny
-        Q = _cholesky_qr2(Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny))
+        Q = _cholesky_qr2(Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny),
+                          looped=method.endswith("looped"))
         if Q is not None:
             return Q
     return _householder_q(Y)
