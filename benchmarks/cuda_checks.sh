@@ -33,9 +33,9 @@ part step_time 120 "$py" benchmarks/step_time.py "${W512[@]}" --heavyball skip -
     --only adamw,muon,soap,soap_adaptive,soap_lowmem,shampoo,pytorch_optimizer.SOAP
 part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/optim/test_cuda.py
 part parts 45 "$py" benchmarks/step_time.py "${W512[@]}" --parts
-# The same table with Cholesky QR2 called one matrix at a time (FASTEST_QR is chosen from this).
-part step_time_looped 90 "$py" benchmarks/step_time.py "${W512[@]}" --heavyball skip \
-    --windows 10 --qr cholesky_qr2_looped --only soap,soap_adaptive,pytorch_optimizer.SOAP
+# The same table with exact Cholesky QR2 (FASTEST_QR is chosen from this and the parts).
+part step_time_qr2 90 "$py" benchmarks/step_time.py "${W512[@]}" --heavyball skip \
+    --windows 10 --qr cholesky_qr2 --only soap,soap_adaptive,pytorch_optimizer.SOAP
 part step_time_w256 60 "$py" benchmarks/step_time.py --device cuda --heavyball skip \
     --windows 10 --only adamw,muon,soap,soap_adaptive,pytorch_optimizer.SOAP
 # heavyball eager: its compiled mode autotunes (max-autotune) for minutes on these shapes.

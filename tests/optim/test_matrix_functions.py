@@ -162,3 +162,46 @@ def test_drift_is_the_relative_off_diagonal_mass_of_the_rotated_factor():
 def test_orthonormalize_names_its_methods_when_given_another():
     with pytest.raises(ValueError, match="householder"):
         mf.orthonormalize(torch.eye(3)[None], "gram_schmidt")
+
+
+def _counting_passes(monkeypatch) -> list[int]:
+    passes: list[int] = []
+    real = mf._cholesky_pass
+    monkeypatch.setattr(mf, "_cholesky_pass",
+                        lambda Q, looped: passes.append(1) or real(Q, looped))
+    return passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cholesky_qr_series_is_cholesky_qr2_with_one_cholesky_when_warm(monkeypatch, dtype):
+    # A refresh's input: A times a basis close to A's eigenvectors. The second pass by
+    # expansion then matches the exact second pass to round-off, with one Cholesky, not two.
+    A, _ = random_spd(48, torch.linspace(0.1, 10.0, 48, dtype=torch.float64))
+    old, _ = random_spd(48, torch.linspace(0.1, 10.0, 48, dtype=torch.float64))
+    warm = torch.linalg.eigh(A + 0.05 * old).eigenvectors
+    Y = (A @ warm).to(dtype)[None]
+    passes = _counting_passes(monkeypatch)
+    Q = mf.orthonormalize(Y, "cholesky_qr_series")
+    assert len(passes) == 1
+    exact = mf.orthonormalize(Y, "cholesky_qr2")
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(Q, exact, atol=tol, rtol=0)
+    torch.testing.assert_close(Q[0].mT @ Q[0], torch.eye(48, dtype=dtype), atol=tol, rtol=0)
+
+
+def test_cholesky_qr_series_hands_a_cold_start_to_the_exact_second_pass(monkeypatch):
+    # Columns far from orthogonal: the first pass leaves QᵀQ - I above √eps, so the
+    # expansion would not be exact; Cholesky QR2 answers, still without Householder.
+    gen = torch.Generator().manual_seed(1)
+    U, V = (torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64)).Q
+            for _ in range(2))
+    # Condition about 900 after scaling the columns: beyond the expansion, within Cholesky QR2.
+    Y = (U @ torch.diag(torch.logspace(0, -3, 40, dtype=torch.float64)) @ V.T).float()[None]
+    passes = _counting_passes(monkeypatch)
+    geqrf = []
+    real_geqrf = torch.geqrf
+    monkeypatch.setattr(torch, "geqrf", lambda X: geqrf.append(1) or real_geqrf(X))
+    Q = mf.orthonormalize(Y, "cholesky_qr_series")
+    assert len(passes) == 3 and not geqrf
+    reference = torch.linalg.qr(Y.double()).Q.float()
+    torch.testing.assert_close((Q[0].mT @ reference[0]).abs(), torch.eye(40), atol=1e-4, rtol=0)

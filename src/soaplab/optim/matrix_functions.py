@@ -118,43 +118,64 @@ def _householder_q(Y: Tensor) -> Tensor:
     return Q
 
 
-def _cholesky_qr2(Y: Tensor, looped: bool = False) -> Tensor | None:
-    """Q of Y by two passes of Cholesky QR (Y R⁻¹ with RᵀR = YᵀY), or None if it breaks down
-    or Q is not orthogonal to working precision (so a Q returned is finite); one host sync
-    decides. ``looped``: one Cholesky and one triangular solve per matrix of the batch rather
-    than the batched kernels (which cuSOLVER and cuBLAS tune for small matrices)."""
-    failed = torch.zeros((), dtype=torch.bool, device=Y.device)
-    Q = Y
-    for _ in range(2):
-        gram = Q.mT @ Q
-        if looped:
-            pieces = [torch.linalg.cholesky_ex(g, upper=True) for g in gram]
-            R, info = torch.stack([r for r, _ in pieces]), torch.stack([i for _, i in pieces])
-            Q = torch.stack([torch.linalg.solve_triangular(r, q, upper=True, left=False)
-                             for r, q in zip(R, Q, strict=True)])
-        else:
-            R, info = torch.linalg.cholesky_ex(gram, upper=True)
-            Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
-        failed |= info.any()
+def _cholesky_pass(Q: Tensor, looped: bool) -> tuple[Tensor, Tensor]:
+    """One Cholesky QR pass, Q R⁻¹ with RᵀR = QᵀQ, and whether the Cholesky broke down.
+    ``looped``: one Cholesky and one triangular solve per matrix of the batch rather than the
+    batched kernels (which cuSOLVER and cuBLAS tune for small matrices)."""
+    gram = Q.mT @ Q
+    if looped:
+        pieces = [torch.linalg.cholesky_ex(g, upper=True) for g in gram]
+        R, info = torch.stack([r for r, _ in pieces]), torch.stack([i for _, i in pieces])
+        Q = torch.stack([torch.linalg.solve_triangular(r, q, upper=True, left=False)
+                         for r, q in zip(R, Q, strict=True)])
+    else:
+        R, info = torch.linalg.cholesky_ex(gram, upper=True)
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    return Q, info.any()
+
+
+def _cholesky_qr2(Y: Tensor, looped: bool = False, series: bool = False) -> Tensor | None:
+    """Q of Y by two passes of Cholesky QR, or None if it breaks down or Q is not orthogonal
+    to working precision (so a Q returned is finite); one host sync decides.
+
+    ``series``: the second pass by its first-order expansion. After the first pass QᵀQ = I + F
+    with F tiny (about 1e-6 in float32 for a warm-started refresh), and chol(I + F) =
+    I + Φ(F) + O(F²), Φ(F) the upper triangle of F with its diagonal halved, so
+    Q (I + Φ(F))⁻¹ = Q − Q Φ(F) + O(F²): one matmul instead of a Cholesky and a triangular
+    solve. Only where ‖F‖_max ≤ √eps, so that the O(F²) left out is below the working
+    precision; otherwise None."""
     eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
+    Q, failed = _cholesky_pass(Y, looped)
+    if series:
+        F = Q.mT @ Q - eye
+        failed = failed | ~(F.abs().amax() <= torch.finfo(Y.dtype).eps ** 0.5)
+        half = F.triu()
+        half.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        Q = Q - Q @ half
+    else:
+        Q, broke = _cholesky_pass(Q, looped)
+        failed = failed | broke
     tolerance = 100 * Y.shape[-1] * torch.finfo(Y.dtype).eps
     failed |= ~((Q.mT @ Q - eye).abs().amax() <= tolerance)  # NaN compares False
     return None if bool(failed) else Q
 
 
 # The orthonormalization that measures fastest on each device type (the parts table of
-# benchmarks/step_time.py --parts; docs/benchmarks.md): LAPACK's Householder QR beats
-# Cholesky QR2 with its check on CPU; on GPUs Cholesky QR2 (matmuls) wins several times over.
+# benchmarks/step_time.py --parts; docs/benchmarks.md): LAPACK's Householder QR beats the
+# Cholesky QRs on CPU; on GPUs, where the Cholesky and the triangular solve run far below
+# matmul speed, Cholesky QR with its second pass by expansion wins.
 FASTEST_QR = {"cpu": "householder"}
-QR_METHODS = ("householder", "cholesky_qr2", "cholesky_qr2_looped")
+QR_METHODS = ("householder", "cholesky_qr2", "cholesky_qr2_looped", "cholesky_qr_series")
 
 
 def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     """The Q factor of each ``Y``'s QR decomposition (column signs arbitrary).
 
-    ``method``: one of :data:`QR_METHODS`: "householder" (LAPACK/cuSOLVER QR), "cholesky_qr2"
-    or "cholesky_qr2_looped" (the same, one matrix at a time); None picks the fastest for Y's
-    device (:data:`FASTEST_QR`, Cholesky QR2 where not listed).
+    ``method``: one of :data:`QR_METHODS`: "householder" (LAPACK/cuSOLVER QR), "cholesky_qr2",
+    "cholesky_qr2_looped" (the same, one matrix at a time) or "cholesky_qr_series" (its
+    second pass by a first-order expansion, one matmul; exact Cholesky QR2 where the expansion
+    would not be exact to working precision); None picks the fastest for Y's device
+    (:data:`FASTEST_QR`, "cholesky_qr_series" where not listed).
 
     SOAP's refresh calls this on Y = P·Q_old, whose columns are nearly orthogonal (the warm
     start is close to P's eigenvectors) with norms ≈ eigenvalues. Scaling the columns to unit
@@ -164,13 +185,17 @@ def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     Householder QR takes over. Raises :class:`MatrixFunctionError` rather than return a
     non-finite Q.
     """
-    method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr2")
+    method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr_series")
     if method not in QR_METHODS:
         raise ValueError(f"orthonormalize: method must be one of {QR_METHODS}, got {method!r}")
-    if method.startswith("cholesky_qr2"):
+    if method.startswith("cholesky"):
         tiny = torch.finfo(Y.dtype).tiny
-        Q = _cholesky_qr2(Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny),
-                          looped=method.endswith("looped"))
+        scaled = Y / Y.norm(dim=-2, keepdim=True).clamp_min(tiny)
+        Q = None
+        if method == "cholesky_qr_series":
+            Q = _cholesky_qr2(scaled, series=True)
+        if Q is None:
+            Q = _cholesky_qr2(scaled, looped=method.endswith("looped"))
         if Q is not None:
             return Q
     return _householder_q(Y)
