@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
              else f"{cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
     print(f"GPT width {args.width}, {args.layers} layers, vocab {args.vocab}, block "
           f"{args.block}: {len(shapes)} tensors, {n_params / 1e6:.2f} M parameters")
-    qr = mf.FASTEST_QR.get(device.type, "cholesky_qr2")
+    qr = mf.fastest_qr(device.type)
     print(f"device {device.type} ({where}); torch {torch.__version__}; "
           f"precondition_frequency {FREQ}; {rounds} rounds of {FREQ} steps; soaplab QR: {qr}")
     print(f"matmul floor: {flops / 1e9:.2f} GFLOP per step at {flops / floor_s / 1e9:.0f} "

@@ -168,6 +168,11 @@ FASTEST_QR = {"cpu": "householder"}
 QR_METHODS = ("householder", "cholesky_qr2", "cholesky_qr2_looped", "cholesky_qr_series")
 
 
+def fastest_qr(device_type: str) -> str:
+    """The orthonormalization :func:`orthonormalize` uses on this device type by default."""
+    return FASTEST_QR.get(device_type, "cholesky_qr_series")
+
+
 def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     """The Q factor of each ``Y``'s QR decomposition (column signs arbitrary).
 
@@ -185,7 +190,7 @@ def orthonormalize(Y: Tensor, method: str | None = None) -> Tensor:
     Householder QR takes over. Raises :class:`MatrixFunctionError` rather than return a
     non-finite Q.
     """
-    method = method or FASTEST_QR.get(Y.device.type, "cholesky_qr_series")
+    method = method or fastest_qr(Y.device.type)
     if method not in QR_METHODS:
         raise ValueError(f"orthonormalize: method must be one of {QR_METHODS}, got {method!r}")
     if method.startswith("cholesky"):
