@@ -25,6 +25,9 @@ VARIANTS = {
                                                        factorized=True, one_sided=True, **kw),
     "soap_adaptive": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
                                            refresh_tolerance=0.2, **kw),
+    # a budget that affords some refreshes only: its banked credit must travel with the state
+    "soap_budget": lambda ps, **kw: SOAP(ps, precondition_frequency=1, refresh_budget=0.2,
+                                         **kw),
     "shampoo": lambda ps, **kw: Shampoo(ps, precondition_frequency=2, **kw),
 }
 each = pytest.mark.parametrize("make", VARIANTS.values(), ids=VARIANTS.keys())

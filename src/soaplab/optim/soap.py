@@ -143,8 +143,9 @@ class SOAP(KroneckerOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Telemetry and budget credit are keyed by the identity of state dicts, which a copy
-        # changes: a copy starts them afresh (like a checkpoint, which does not carry them).
+        # Telemetry is keyed by the identity of state dicts, which a copy changes: a copy
+        # starts it afresh (like a checkpoint, which does not carry it). The budget's credit
+        # lives in the state ("refresh_credit") and travels with copies and checkpoints.
         self.__dict__.setdefault("_refresh_log", RefreshLog())
 
     def refresh_stats(self) -> dict[str, Any]:
@@ -273,7 +274,8 @@ class SOAP(KroneckerOptimizer):
         """Rows to refresh per axis (None: all, with no host sync: the fixed schedule).
 
         Under ``refresh_budget`` a bucket earns the budget's share of its ordinary steps' flops
-        since the last check (banking at most one full refresh) and spends it here."""
+        since the last check (banking at most one full refresh) and spends it here; each member
+        keeps an equal share of what is left as ``state["refresh_credit"]``."""
         if not _adaptive(group):
             return dict.fromkeys(drifts)
         budget, plan, batch = group["refresh_budget"], bucket.plan, len(bucket.states)
@@ -282,11 +284,13 @@ class SOAP(KroneckerOptimizer):
             full = batch * sum(adaptive.refresh_flops(plan.shape, k) for k in plan.axes)
             earned = budget * group["precondition_frequency"] * batch * \
                 adaptive.ordinary_flops(plan.shape, plan.axes)
-            credit = min(self._refresh_log.credit.get(id(bucket.states[0]), 0.0) + earned, full)
+            banked = sum(s.get("refresh_credit", 0.0) for s in bucket.states)
+            credit = min(banked + earned, full)
         chosen, credit = adaptive.choose(drifts, group["refresh_tolerance"] or 0.0, plan.shape,
                                          credit)
-        if credit is not None:
-            self._refresh_log.credit[id(bucket.states[0])] = credit
+        if credit is not None:  # kept in the state, equal shares, so checkpoints carry it
+            for s in bucket.states:
+                s["refresh_credit"] = credit / batch
         return chosen
 
 

@@ -31,7 +31,6 @@ class RefreshLog:
     """Per parameter state (keyed by the identity of its state dict) and axis."""
 
     axes: dict[int, dict[int, AxisLog]] = field(default_factory=dict)
-    credit: dict[int, float] = field(default_factory=dict)
 
     def axis(self, state: dict[str, Any], axis: int) -> AxisLog:
         return self.axes.setdefault(id(state), {}).setdefault(axis, AxisLog())
