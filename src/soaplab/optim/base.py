@@ -116,12 +116,12 @@ class Bucket:
 
 def _in_order(views: list[Tensor], base: Tensor) -> bool:
     """Whether ``views`` (each known to be a view of ``base``) are its rows 0, 1, ... in
-    order. torch.compile cannot trace storage offsets (each comparison is a graph break), so
-    compiled code trusts the order that :meth:`Bucket.store` gave them: a bucket's members keep
-    their param-group order."""
+    order, read from storage offsets (making no views). Compiled code skips the check and
+    trusts the order that :meth:`Bucket.store` gave them: a bucket's members keep their
+    param-group order."""
     if torch.compiler.is_compiling():
         return True
-    offset, stride = base.storage_offset(), base.stride(0)  # no views made: a step checks
+    offset, stride = base.storage_offset(), base.stride(0)
     return all(t.storage_offset() == offset + i * stride for i, t in enumerate(views))
 
 
