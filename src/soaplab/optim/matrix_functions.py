@@ -62,6 +62,11 @@ def rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
     return (AQ * Q).sum(dim=-2)
 
 
+def rayleigh_quotients(A: Tensor, Q: Tensor) -> Tensor:
+    """diag(Qᵀ A Q) for symmetric ``A``, with one product."""
+    return rayleigh(times_basis(A, Q), Q)
+
+
 def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
     """Column order that sorts the Rayleigh quotients diag(Qᵀ A Q) in descending order,
     given the product ``AQ`` = A @ Q."""
@@ -70,14 +75,6 @@ def sort_by_rayleigh(AQ: Tensor, Q: Tensor) -> Tensor:
 
 def _descending(quotients: Tensor) -> Tensor:
     return torch.argsort(quotients, dim=-1, descending=True)
-
-
-def drift(A: Tensor, AQ: Tensor, Q: Tensor) -> Tensor:
-    """‖QᵀAQ − diag(QᵀAQ)‖_F / ‖A‖_F for each factor: how far Q is from A's eigenbasis.
-
-    Read from the power step's own product ``AQ`` = A @ Q at no matmul cost (see
-    :func:`drift_from_diagonal`)."""
-    return drift_from_diagonal(A, rayleigh(AQ, Q)).to(A.dtype)
 
 
 def drift_from_diagonal(A: Tensor, diagonal: Tensor) -> Tensor:
@@ -243,7 +240,7 @@ def eigh_step(A: Tensor, Q: Tensor, AQ: Tensor | None = None,
               quotients: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Exact refresh: a fresh eigenbasis, with the old columns matched to it by Rayleigh order."""
     if quotients is None:
-        quotients = rayleigh(times_basis(A, Q) if AQ is None else AQ, Q)
+        quotients = rayleigh_quotients(A, Q) if AQ is None else rayleigh(AQ, Q)
     return eigenbasis(A), _descending(quotients)
 
 

@@ -47,6 +47,7 @@ from soaplab.optim.matrix_functions import (
     eigh_step,
     power_qr_step,
     rayleigh,
+    rayleigh_quotients,
     times_basis,
 )
 from soaplab.optim.state import resolve_matrix_dtype
@@ -244,8 +245,8 @@ class SOAP(KroneckerOptimizer):
                     new[axis] = bases[axis].index_copy(0, index, basis)
                     keep = torch.arange(order.shape[-1], device=order.device)
                     orders[axis] = keep.expand(len(bucket.states), -1).index_copy(0, index, order)
-                    diagonal = bucket.stack(f"diagonal_{axis}")
-                    diagonal.index_copy_(0, index, rayleigh(factors[axis][index] @ basis, basis))
+                    diagonals[axis].index_copy_(
+                        0, index, rayleigh_quotients(factors[axis][index], basis))
             except MatrixFunctionError as err:
                 self._matrix_failed(err, f"basis refresh of axis {axis}")
                 chosen = []
@@ -309,7 +310,7 @@ def _track_diagonals(bucket: Bucket, group: dict[str, Any], rotated: Tensor) -> 
     if f"diagonal_{axes[0]}" not in bucket.states[0]:
         for axis in axes:
             factor, basis = bucket.stack(f"factor_{axis}"), bucket.stack(f"basis_{axis}")
-            bucket.store(f"diagonal_{axis}", rayleigh(factor @ basis, basis))
+            bucket.store(f"diagonal_{axis}", rayleigh_quotients(factor, basis))
         return
     adaptive.track_diagonals({axis: bucket.stack(f"diagonal_{axis}") for axis in axes},
                              rotated, factor_beta(group))
