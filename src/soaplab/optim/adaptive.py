@@ -15,7 +15,7 @@ import math
 
 from torch import Tensor
 
-from soaplab.optim.kronecker import gram_diagonal
+from soaplab.optim.kronecker import gram_diagonals
 
 # Cost of one orthonormalization of a d×d basis in matmul-equivalent flops per d³: LAPACK's
 # Householder QR takes about 3.5 times the power step's 2d³-flop product A·Q on CPU
@@ -42,8 +42,8 @@ def track_diagonals(diagonals: dict[int, Tensor], rotated: Tensor, beta: float) 
     """In place: diag(QᵀLQ) <- β·diag + (1-β)·diag(G'G'ᵀ) per axis, the factors' own EMA seen
     in the current bases. G' = G ×_k Q_kᵀ is Adam's rotated gradient; since the other axes'
     bases are orthogonal, diag(Q_kᵀ G_(k) G_(k)ᵀ Q_k) is the squared norm of G'_(k)'s rows."""
-    for axis, diagonal in diagonals.items():
-        diagonal.lerp_(gram_diagonal(rotated, axis), 1 - beta)
+    for axis, gram in gram_diagonals(rotated, tuple(diagonals)).items():
+        diagonals[axis].lerp_(gram, 1 - beta)
 
 
 def choose(drifts: dict[int, Tensor], tolerance: float, shape: tuple[int, ...],

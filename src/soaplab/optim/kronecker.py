@@ -104,10 +104,15 @@ def gram(X: Tensor, axis: int) -> Tensor:
     return flat @ flat.mT
 
 
-def gram_diagonal(X: Tensor, axis: int) -> Tensor:
-    """diag(G_(k) G_(k)ᵀ) without the product: the squared norms along every axis but k."""
-    dims = tuple(d for d in range(1, X.dim()) if d != axis + 1)
-    return X.square().sum(dim=dims) if dims else X.square()
+def gram_diagonals(X: Tensor, axes: tuple[int, ...]) -> dict[int, Tensor]:
+    """diag(G_(k) G_(k)ᵀ) for each axis k, without the products: X squared once, summed along
+    every axis but k."""
+    squared = X.square()
+    sums = {}
+    for axis in axes:
+        dims = tuple(d for d in range(1, X.dim()) if d != axis + 1)
+        sums[axis] = squared.sum(dim=dims) if dims else squared
+    return sums
 
 
 def update_factors(factors: dict[int, Tensor], X: Tensor, beta: float,
