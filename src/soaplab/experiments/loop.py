@@ -192,7 +192,7 @@ def summarize_records(records: list[dict[str, Any]], state_size: int,
     stats = next((r["refresh_stats"] for r in reversed(records) if "refresh_stats" in r), None)
     refreshes = {} if stats is None else {"refreshes": {k: stats[k] for k in ("refreshes",
                                                                                "skipped")}}
-    return {**refreshes,"steps": records[-1]["step"] if records else 0, "diverged": diverged,
+    return {**refreshes, "steps": records[-1]["step"] if records else 0, "diverged": diverged,
             "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail) if records
             else None,
             "train_seconds": total,
