@@ -178,8 +178,12 @@ def test_ctrl_c_then_torn_metrics_line_then_resume(tmp_path):
     # Long enough that a poller starved by a loaded machine still interrupts it mid-run.
     flags = [*LM, "--steps", "1000", "--eval-every", "250", "--checkpoint-every", "5",
              "--no-progress", "--out", str(out)]
+    # Ctrl-C as at a terminal: SIGINT at its default in the child, which Python turns into
+    # KeyboardInterrupt. A test runner started as a background job of a non-interactive shell
+    # ignores SIGINT, and its children would inherit that and never see this signal.
     proc = subprocess.Popen([sys.executable, "-m", "soaplab", *flags], env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = out / "runs" / "adamw-lr0.004-s0" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 12):
