@@ -79,9 +79,6 @@ OPTIMIZERS: dict[str, Entry] = {
     # The storage combination that measured best (docs/optimizers.md, "State storage").
     "soap_lowmem": _kronecker(_soap, "soap", factor_storage="packed", basis_storage="int8",
                               momentum_storage="bf16"),
-    # Smaller still, for bf16 factors: they lose the factors' small eigen-directions.
-    "soap_lowmem_bf16_factors": _kronecker(_soap, "soap", factor_storage="packed_bf16",
-                                           basis_storage="int8", momentum_storage="bf16"),
 }
 
 
