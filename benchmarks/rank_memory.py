@@ -73,7 +73,7 @@ def param_states(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[Param
         for key, t in opt.state[q].items():
             if not torch.is_tensor(t):
                 continue
-            n = t.untyped_storage().nbytes()
+            n = t.numel() * t.element_size()  # a view: same-shape parameters' state is stacked
             if key.startswith(("factor_", "basis_")):
                 axis = int(key.split("_")[1])
                 s.axes[axis] = s.axes.get(axis, 0) + n
@@ -165,7 +165,7 @@ def measure(build: Callable[[list[Tensor]], torch.optim.Optimizer],
             p.grad = g
         opt.step()
     states = param_states(opt, params)
-    if sum(map(total, states)) != state_bytes(opt):  # no entry missed, no storage shared
+    if sum(map(total, states)) != state_bytes(opt):  # the views cover the storages exactly
         raise RuntimeError("per-parameter state does not add up to the optimizer's")
     return states
 

@@ -4,6 +4,7 @@ memory and in loss.
 Run from the repository root (it reuses the tests' problems)::
 
     python -m benchmarks.storage_loss --threads 1             # memory and both least squares
+    python -m benchmarks.storage_loss --threads 1 --seed 1    # another draw of both problems
     python -m benchmarks.storage_loss --task lm --steps 300   # the lm task, minutes per variant
 
 ``ls`` (the default), one row per combination of ``factor_storage`` x ``basis_storage`` x
@@ -83,10 +84,10 @@ def adamw(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True, **COMMON)
 
 
-def least_squares() -> None:
+def least_squares(seed: int) -> None:
     from tests.optim.problems import IllConditionedRegression, KroneckerLeastSquares
 
-    ill, kls = IllConditionedRegression(), KroneckerLeastSquares()
+    ill, kls = IllConditionedRegression(seed=seed), KroneckerLeastSquares(seed=seed)
     adamw_bytes = gpt_state_bytes(adamw)
     named = {tuple(sorted(kw.items())): name for name, kw in presets().items()}
     print(f"AdamW: {adamw_bytes / 2**20:.1f} MB on the same shapes\n")
@@ -125,13 +126,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="ls", choices=("ls", "lm"))
     ap.add_argument("--steps", type=int, default=300, help="lm training steps")
-    ap.add_argument("--seed", type=int, default=0, help="lm seed")
+    ap.add_argument("--seed", type=int, default=0, help="the problems' draw (ls), the run's (lm)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     if args.task == "ls":
-        least_squares()
+        least_squares(args.seed)
     else:
         lm(args.steps, args.seed)
 

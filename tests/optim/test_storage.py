@@ -208,8 +208,8 @@ def test_soap_lowmem_tracks_soap_on_kronecker_least_squares():
     is above 1% of where it started, within a factor 2.5 below that. Measured: gaps under 3%
     at steps 50-150, then 1.11x, 1.67x and 2.14x at steps 200, 250 and 300 (losses 4e-3 down
     to 1e-4 of the start): there, noise-free and with exact maths, the int8 bases' rounding
-    (about 1/254 of a block's largest entry) sets the pace (benchmarks/storage_loss.py: 1.84-2.18x
-    at step 300 over three seeds; bf16 bases 1.23-1.26x, packed bf16 factors 1.45-1.68x)."""
+    (about 1/254 of a block's largest entry) sets the pace (benchmarks/storage_loss.py: bf16
+    bases 1.26-1.39x there, packed bf16 factors 1.52-1.68x)."""
     problem = KroneckerLeastSquares()
     soap = problem.run("soap", 300, lr=0.03, weight_decay=0)
     lowmem = problem.run("soap_lowmem", 300, lr=0.03, weight_decay=0)
