@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.rank_memory                   # 4 ranks; HSDP 2 x 2, TP over 4
     python -m benchmarks.rank_memory --ranks 8 --replicas 2
+    python -m benchmarks.rank_memory --ranks 2 --replicas 1 --width 128 --layers 2 --block 64
 
 Every optimizer steps twice on the GPT shapes of ``step_time.py --memory`` (width 256, 4
 layers, the same settings and gradients), in one process; its state is then split over the
@@ -176,13 +177,14 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=2, help="HSDP replicas (divides --ranks)")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--block", type=int, default=256, help="position-embedding rows")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.ranks % args.replicas:
         ap.error(f"--replicas {args.replicas} does not divide --ranks {args.ranks}")
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
-    shapes = gpt_shapes(args.width, args.layers)
+    shapes = gpt_shapes(args.width, args.layers, block=args.block)
     dims = tp_dims(shapes)
     table = builders("skip")
     named = {tuple(sorted(kw.items())): name for name, kw in presets().items()}
