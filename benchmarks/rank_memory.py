@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ class ParamState:
     shape: Shape
     elementwise: int = 0
     whole: int = 0
-    axes: dict[int, int] | None = None
+    axes: dict[int, int] = field(default_factory=dict)  # factored axis -> factor + basis
     cost: int = 0  # ownership.param_cost of the parameter (0 for torch's optimizers)
 
 
@@ -70,7 +70,7 @@ def param_states(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[Param
     out = []
     for p in params:
         q, group = stepped[p.data_ptr()]
-        s = ParamState(tuple(p.shape), axes={})
+        s = ParamState(tuple(p.shape))
         for key, t in opt.state[q].items():
             if not torch.is_tensor(t):
                 continue
