@@ -79,6 +79,9 @@ OPTIMIZERS: dict[str, Entry] = {
     # The storage combination that measured best (docs/optimizers.md, "State storage").
     "soap_lowmem": _kronecker(_soap, "soap", factor_storage="packed", basis_storage="int8",
                               momentum_storage="bf16"),
+    # Smaller: bf16 factors, which lose the factors' small eigen-directions (docs/optimizers.md).
+    "soap_lowmem_bf16_factors": _kronecker(_soap, "soap", factor_storage="packed_bf16",
+                                           basis_storage="int8", momentum_storage="bf16"),
 }
 
 

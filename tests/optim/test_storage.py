@@ -230,7 +230,7 @@ def test_soap_lowmem_matches_soap_on_the_ill_conditioned_regression():
     soap = problem.run("soap", 0.1)
     assert soap < 5e-6, soap  # within a few times the noise floor: the problem is solved
     assert problem.run("soap_lowmem", 0.1) <= 1.1 * soap
-    assert problem.run("soap_lowmem", 0.1, factor_storage="packed_bf16") > 2 * soap
+    assert problem.run("soap_lowmem_bf16_factors", 0.1) > 2 * soap
 
 
 @pytest.mark.parametrize("cls", [SOAP, Shampoo])
