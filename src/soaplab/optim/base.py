@@ -221,8 +221,12 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             if _flat_shard(p):
                 raise ValueError(f"{type(self).__name__}: a parameter with shape "
                                  f"{tuple(p.shape)} {_flat_shard(p)}")
-        self._split = ShardedSplit.create(self, self._process_group) or \
+        split = ShardedSplit.create(self, self._process_group) or \
             OwnerSplit.create(self, self._process_group)
+        old = self._split
+        if split is None or old is None or type(split) is not type(old) \
+                or split.process_group is not old.process_group:
+            self._split = split  # else the split follows the new list itself (owners())
         self._split_layout = layout
 
     def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
