@@ -32,8 +32,8 @@ from tests.distributed.harness import (
 )
 
 SAVE_AT = 10
-# DCP loads only the keys of a template made by a fresh optimizer's first step, so every
-# optimizer must create all of its state entries on that step (both do).
+# DCP loads only the keys of a template made by a fresh optimizer's zero-gradient lr = 0 call,
+# so that call must create every state entry that steps hold (tests/optim/test_allocation.py).
 DCP_OPTIMIZERS = ("soap", "soap_lowmem", "shampoo")
 Model = torch.nn.ParameterList
 Loader = Callable[[Model, torch.optim.Optimizer], None]
@@ -70,14 +70,13 @@ def _from_file(path: Path, key: str | None = None) -> Loader:
     return load
 
 
-def _from_dcp(path: Path, split: bool = False) -> Loader:
-    """DCP's resume recipe. A split optimizer has no state for parameters it does not own, which
-    set_optimizer_state_dict only accepts with strict=False; dcp.load still fails on any owned
-    entry that the checkpoint lacks."""
+def _from_dcp(path: Path) -> Loader:
+    """DCP's resume recipe, at torch's default strict=True: a split optimizer exports every
+    parameter's state on every rank (docs/distributed.md, "State layout")."""
     def load(model: Model, opt: torch.optim.Optimizer) -> None:
         state = get_optimizer_state_dict(model, opt)
         dcp.load(state, checkpoint_id=path)
-        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(strict=not split))
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(strict=True))
     return load
 
 
@@ -137,7 +136,7 @@ def _split_worker(rank: int, world_size: int, tmp: Path, mode: str) -> None:
         # Same world size: this rank's shard, the consolidated dict or DCP, all bit-exact.
         for load in (_from_file(tmp / f"{name}-{mode}-shard{rank}.pt"),
                      _from_file(tmp / f"{name}-{mode}-full.pt", "optimizer"),
-                     *_dcp_loaders(name, tmp / f"{name}-{mode}-dcp", split=True)):
+                     *_dcp_loaders(name, tmp / f"{name}-{mode}-dcp")):
             resumed, resumed_opt = _resume(name, params10, load, **kw)
             _assert_equal(model, resumed)
             _assert_same_state(opt, resumed_opt, model, resumed)
@@ -145,7 +144,7 @@ def _split_worker(rank: int, world_size: int, tmp: Path, mode: str) -> None:
         plain = torch.load(tmp / f"{name}-plain-full.pt", weights_only=True)
         plain20 = torch.load(tmp / f"{name}-plain-final.pt", weights_only=True)
         for load in (_from_file(tmp / f"{name}-plain-full.pt", "optimizer"),
-                     *_dcp_loaders(name, tmp / f"{name}-plain-dcp", split=True)):
+                     *_dcp_loaders(name, tmp / f"{name}-plain-dcp")):
             resumed, _ = _resume(name, plain["params"], load, **kw)
             _assert_close(resumed, plain20)
         # Another rank's shard is refused, saying what mismatched.
@@ -155,8 +154,8 @@ def _split_worker(rank: int, world_size: int, tmp: Path, mode: str) -> None:
             fresh.load_state_dict(other)
 
 
-def _dcp_loaders(name: str, path: Path, split: bool = False) -> list[Loader]:
-    return [_from_dcp(path, split)] if name in DCP_OPTIMIZERS else []
+def _dcp_loaders(name: str, path: Path) -> list[Loader]:
+    return [_from_dcp(path)] if name in DCP_OPTIMIZERS else []
 
 
 @pytest.mark.parametrize(("name", "route"), [
@@ -235,15 +234,17 @@ def test_wrong_or_corrupt_checkpoints_are_refused(saved: Callable, shapes: list,
 
 
 def _one_rank_loads_a_corrupt_shard(rank: int, world_size: int, tmp: Path) -> None:
-    """Only rank 1's file is bad, yet every rank raises (none waits in a collective)."""
+    """Only rank 1's file is bad, yet every rank raises (none waits in a collective). Tensor
+    entries are gathered whole on loading, so a bad slice reaches every rank: the bad entry
+    here is a step, which only rank 1 reads."""
     model = make_model()
     opt = OPTIMIZERS["soap"](param_groups(model), process_group=dist.group.WORLD)
     _train(model, opt, range(2))
     state = opt.state_dict()
     if rank == 1:
-        next(iter(state["state"].values()))["exp_avg"].fill_(float("inf"))
+        next(iter(state["state"].values()))["step"] = -5
     fresh = OPTIMIZERS["soap"](param_groups(make_model()), process_group=dist.group.WORLD)
-    match = "contains NaN or Inf" if rank == 1 else "on rank 1: state 'exp_avg'"
+    match = "no valid 'step'" if rank == 1 else "on rank 1: state of parameter .* no valid 'step'"
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(state)
 

@@ -188,7 +188,7 @@ def test_step_stored_as_a_tensor_is_accepted(make, step):
     assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
 
 
-@pytest.mark.parametrize("step", [torch.tensor(2.5), 2.5, -1, "3", True])
+@pytest.mark.parametrize("step", [torch.tensor(2.5), 2.5, -2, "3", True])  # -1: allocated
 def test_invalid_step_is_still_corrupt(step):
     ps = params()
     opt = SOAP(ps)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from soaplab.optim import storage
 from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
-from soaplab.optim.distributed.checkpoint import mark_shard, state_to_load
+from soaplab.optim.distributed.checkpoint import export, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
 from soaplab.optim.distributed.fsdp import ShardedSplit
 from soaplab.optim.interface import Target, local
@@ -104,7 +104,9 @@ class Bucket:
     def _stored(self, key: str) -> Tensor:
         """The (B, ...) stack of one stored tensor, as stored."""
         tensors = [s[key] for s in self.states]
-        base = tensors[0]._base
+        # A view's _base is not traceable (it reads None inside a compiled graph): compiled
+        # code restacks, which costs a copy but updates the same entries.
+        base = None if torch.compiler.is_compiling() else tensors[0]._base
         if (base is not None and base.shape == (len(tensors), *tensors[0].shape)
                 and all(t._base is base for t in tensors) and _in_order(tensors, base)):
             return base
@@ -144,8 +146,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                     "batched": resolve_batched(defaults.get("batched"), foreach)}
         super().__init__(params, defaults)
         # DDP or FSDP2 mode (see soaplab.optim.distributed); None: this process does it all.
-        self._split = ShardedSplit.create(self, process_group) or \
-            OwnerSplit.create(self, process_group)
+        # Decided again whenever the parameters change (see :attr:`split`).
+        self._process_group = process_group
+        self._split_layout: tuple[int, ...] | None = None
+        self._split: OwnerSplit | None = None
+        self._sync_split()
         self.nonfinite = nonfinite
         self.matrix_dtype = matrix_dtype
         self.skipped_steps = 0
@@ -165,6 +170,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         for i, p in enumerate(group["params"]):
+            if _flat_shard(p):
+                self.param_groups.pop()
+                raise ValueError(f"{type(self).__name__}: {self.describe(group, i)} "
+                                 f"{_flat_shard(p)}")
             if p.is_complex() or not p.is_floating_point():
                 self.param_groups.pop()
                 kind, fix = ("complex", "pass torch.view_as_real(p)") if p.is_complex() else \
@@ -183,7 +192,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for key, value in {**_COPIED, "_split": None}.items():  # copies have no split
+        # Copies have no split (and no process group); their mode is decided at first use.
+        for key, value in {**_COPIED, "_split": None, "_process_group": None,
+                           "_split_layout": None}.items():
             self.__dict__.setdefault(key, value)
         for group in self.param_groups:  # keys an older soaplab did not have
             for key, value in self.defaults.items():
@@ -193,7 +204,30 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     @property
     def split(self) -> OwnerSplit | None:
         """The distributed split (DDP or FSDP2 mode), or None in a single process."""
+        self._sync_split()
         return self._split
+
+    def _sync_split(self) -> None:
+        """Decide the mode for the current parameters, again whenever they changed: accelerate
+        builds the optimizer on plain parameters and then swaps FSDP2's DTensors into its
+        param groups (matched by data pointer), which must give FSDP2 mode as if the
+        optimizer had been built after ``fully_shard``. Flat shards swapped in (DeepSpeed ZeRO,
+        FSDP1) are refused here, before the maths would treat them as vectors."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        layout = tuple(id(p) for p in params)
+        if layout == self._split_layout:
+            return
+        for p in params:
+            if _flat_shard(p):
+                raise ValueError(f"{type(self).__name__}: a parameter with shape "
+                                 f"{tuple(p.shape)} {_flat_shard(p)}")
+        split = ShardedSplit.create(self, self._process_group) or \
+            OwnerSplit.create(self, self._process_group)
+        old = self._split
+        if split is None or old is None or type(split) is not type(old) \
+                or split.process_group is not old.process_group:
+            self._split = split  # else the split follows the new list itself (owners())
+        self._split_layout = layout
 
     def plan_kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of ``kronecker.plan_factors`` for the group's parameters."""
@@ -212,6 +246,11 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _allocate_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """Create the bucket's state entries, every one that steps hold, without statistics
+        (see :meth:`_allocation_call`)."""
+        raise NotImplementedError
+
     # -- step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -220,6 +259,10 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        split = self.split
+        if self._allocation_call():
+            self._allocate()
+            return loss
         if not self._grads_usable():
             self.skipped_steps += 1
             warnings.warn(f"{type(self).__name__}: non-finite or overflowing gradient, step "
@@ -229,9 +272,43 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             targets = self._targets(group)
             for bucket in self._buckets(group, targets):
                 self._step_bucket(bucket, group)
-            if self._split is not None:
-                self._split.finish(group, targets)
+            if split is not None:
+                split.finish(group, targets)
         return loss
+
+    def _allocation_call(self) -> bool:
+        """Whether this call only asks for state to exist: the zero-gradient, lr = 0 step by
+        which torch's DCP helpers (``get/set_optimizer_state_dict``), torchtitan, accelerate
+        and DeepSpeed materialise a fresh optimizer's state.
+
+        All three must hold: no parameter has state yet, every group's lr is 0, and every
+        gradient is exactly zero. A real step fails one of them: after the first step there is
+        state; a warmup that starts at lr = 0 still has non-zero gradients; a zero gradient
+        at lr > 0 is a (degenerate) step that was asked for. The check reads the gradients
+        only when the first two hold, and runs no collective: under DDP every rank sees the
+        same gradients, under FSDP2 a rank sees its shards, which are all zero only when the
+        full gradients are (or when a rank holds empty shards of every parameter)."""
+        if any(self.state.values()) or any(float(g["lr"]) != 0 for g in self.param_groups):
+            return False
+        grads = [torch.count_nonzero(local(p.grad)) for g in self.param_groups
+                 for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any(_to_host(grads))
+
+    def _allocate(self) -> None:
+        """Every state entry that steps will hold, for the parameters this rank owns, with
+        no statistics in it: the next real gradient initialises them as a first step would,
+        so training after this call equals training without it."""
+        split = self.split
+        owners = None if split is None else split.assignment()
+        for group in self.param_groups:
+            targets = []
+            for p in group["params"]:
+                if p.grad is None or (owners is not None and owners[p] != split.rank):
+                    continue
+                zero = torch.zeros(p.shape, dtype=p.dtype, device=local(p).device)
+                targets.append((p, zero, zero))
+            for bucket in self._buckets(group, targets):
+                self._allocate_bucket(bucket, group)
 
     def _targets(self, group: dict[str, Any]) -> list[Target]:
         """(parameter, tensor to update, gradient) for what this rank steps: every parameter
@@ -327,12 +404,26 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict; in DDP mode only this rank's share, marked with its rank."""
-        return mark_shard(super().state_dict(), self._split)
+        """torch's state dict; in DDP or FSDP2 mode a collective that exports every
+        parameter's state on every rank, as DTensor slices (see distributed/checkpoint.py)."""
+        return export(self, super().state_dict())
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state currently held."""
         return state_bytes(self)
+
+
+def _flat_shard(p: Tensor) -> str:
+    """Why ``p`` is a flat shard whose shape the maths cannot see ('' if it is not): FSDP1's
+    flattened parameters and DeepSpeed ZeRO's partitions are 1-D pieces of several
+    parameters, on which SOAP and Shampoo would silently become Adam."""
+    if getattr(p, "_fsdp_flattened", False):
+        return ("is a flat FSDP1 shard (FullyShardedDataParallel); shard with FSDP2 "
+                "(fully_shard) or use DDP with process_group= instead")
+    if hasattr(p, "ds_id") or hasattr(p, "ds_shape"):
+        return ("is a DeepSpeed ZeRO partition, which hides its shape; use FSDP2 "
+                "(fully_shard) or DDP with process_group= instead")
+    return ""
 
 
 def _to_host(scalars: list[Tensor]) -> list[float]:

@@ -123,6 +123,10 @@ class Shampoo(KroneckerOptimizer):
         for key, value in graft_state.items():
             bucket.store(key, value)
 
+    def _allocate_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """The state a first step starts from (step 0): the next call is that first step."""
+        _init_state(bucket, group["grafting"])
+
     def _compute_roots(self, bucket: Bucket, factors: dict[int, Tensor],
                        group: dict[str, Any]) -> None:
         power = 2 * group["exponent"] / len(bucket.plan.axes)

@@ -167,7 +167,7 @@ class SOAP(KroneckerOptimizer):
                     data_format=group["data_format"])
 
     def _step_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        if "step" not in bucket.states[0]:
+        if bucket.states[0].get("step", -1) < 0:  # no state, or only allocated
             self._init_bucket(bucket, group)
             return
         rotated = _soap_update(bucket, group)
@@ -177,11 +177,26 @@ class SOAP(KroneckerOptimizer):
         if bucket.states[0]["step"] % group["precondition_frequency"] == 0:
             self._refresh(bucket, group)
 
-    def _init_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
-        """First call: zero state, statistics from this gradient, bases by eigh; no update."""
+    def _allocate_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """Every entry of a stepped state, zero, with ``step`` -1: "allocated, no statistics
+        yet", so that the next real gradient builds the bases (see :meth:`_init_bucket`)."""
+        self._zero_state(bucket, group)
+        plan, G = bucket.plan, bucket.grads
+        for axis in plan.axes:
+            bucket.store(f"basis_{axis}", G.new_zeros(len(bucket.states), *(plan.shape[axis],) * 2))
+            if _adaptive(group):
+                bucket.store(f"diagonal_{axis}", G.new_zeros(len(bucket.states), plan.shape[axis]))
+        for s in bucket.states:
+            s["step"] = -1
+            if plan.axes and group["refresh_budget"] is not None:  # as _choose keeps it
+                s["refresh_credit"] = 0.0
+
+    def _zero_state(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """Fresh state: step 0, zero moments and factors (whatever was allocated is dropped)."""
         plan, G = bucket.plan, bucket.grads
         factored = second_moment.is_factored(plan.shape, group["factorized"])
         for s in bucket.states:
+            s.clear()
             s["step"] = 0
         bucket.store("exp_avg", torch.zeros_like(G))
         for s in bucket.states:
@@ -189,6 +204,11 @@ class SOAP(KroneckerOptimizer):
         for axis in plan.axes:
             d = plan.shape[axis]
             bucket.store(f"factor_{axis}", G.new_zeros(len(bucket.states), d, d))
+
+    def _init_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
+        """First call: zero state, statistics from this gradient, bases by eigh; no update."""
+        plan, G = bucket.plan, bucket.grads
+        self._zero_state(bucket, group)
         bucket.update_factors(group)
         for axis in plan.axes:
             factors = bucket.stack(f"factor_{axis}")

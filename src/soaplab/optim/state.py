@@ -100,7 +100,7 @@ def _checked_entry(optimizer: Shell, group: dict[str, Any], index: int,
         step = step.item()  # torch's optimizers keep 'step' as a tensor
     if isinstance(step, float) and step.is_integer():
         step = int(step)
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    if not isinstance(step, int) or isinstance(step, bool) or step < -1:  # -1: allocated
         raise ValueError(f"state of {name} has no valid 'step': the checkpoint is corrupt")
     plan = plan_factors(tuple(param.shape), **optimizer.plan_kwargs(group))
     for axis in plan.axes:

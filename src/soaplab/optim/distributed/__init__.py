@@ -10,8 +10,9 @@ the single-process maths. Two ways of putting the result back:
 * ``fsdp``: DTensor parameters (FSDP2's ``fully_shard``), found automatically; one all-to-all
   gathers each parameter's shards whole on its owner, another sends the new shards back.
 
-``checkpoint`` consolidates the per-rank state and checks what is loaded. See
-docs/distributed.md.
+``checkpoint`` exports every parameter's state on every rank as DTensor slices (what torch's
+checkpoint helpers expect), consolidates it, and checks what is loaded. See
+docs/distributed.md, "State layout".
 """
 
 from soaplab.optim.distributed.checkpoint import full_state_dict

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 
 from soaplab.optim.distributed.ownership import assign_owners, param_cost
 from soaplab.optim.interface import Shell, Target
@@ -36,6 +37,8 @@ class OwnerSplit:
         self.world_size = dist.get_world_size(process_group)
         self._owners: dict[Tensor, int] = {}
         self._layout: tuple[int, ...] = ()
+        self._assignment: dict[Tensor, int] = {}
+        self._assigned: tuple[int, ...] = ()
 
     @classmethod
     def create(cls, optimizer: Shell, process_group: Any) -> OwnerSplit | None:
@@ -52,22 +55,37 @@ class OwnerSplit:
         return cls(optimizer, process_group)
 
     # -- ownership ------------------------------------------------------------------------------
-    def owners(self) -> dict[Tensor, int]:
-        """Owner rank of every parameter; recomputed only when the parameter list changes."""
+    def assignment(self) -> dict[Tensor, int]:
+        """Owner rank of every parameter, a pure function of the shapes (no communication);
+        recomputed only when the parameter list changes."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         layout = tuple(id(p) for p in params)
-        if layout != self._layout:
-            costs = self._costs()
-            owners = dict(zip(params, assign_owners(costs, self.world_size), strict=True))
-            moved = [p for p, r in self._owners.items()
+        if layout != self._assigned:
+            owners = dict(zip(params, assign_owners(self._costs(), self.world_size),
+                              strict=True))
+            moved = [p for p, r in self._assignment.items()
                      if p in owners and owners[p] != r and self.optimizer.state.get(p)]
             if moved:
                 raise RuntimeError("adding parameters would move existing optimizer state to "
                                    "another rank; add every param group before the first step")
-            self._check_ranks_agree(costs, params)
-            self._owners, self._layout = owners, layout
+            self._assignment, self._assigned = owners, layout
+        return self._assignment
+
+    def owners(self) -> dict[Tensor, int]:
+        """:meth:`assignment`, after the ranks checked that they agree on it (a collective,
+        once per parameter list)."""
+        owners = self.assignment()
+        if self._assigned != self._layout:
+            params = list(owners)
+            self._check_ranks_agree(self._costs(), params)
+            self._owners, self._layout = owners, self._assigned
             self._new_layout(params)
         return self._owners
+
+    def mesh(self) -> DeviceMesh:
+        """The 1-D device mesh of the process group, on which checkpoints place the state."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return DeviceMesh.from_group(self.process_group, self._device(params).type)
 
     def _new_layout(self, params: list[Tensor]) -> None:
         """Hook for what else must follow the parameter list (collective: every rank calls it)."""

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from soaplab.optim.distributed.ddp import OwnerSplit, all_gather_single, kinds
@@ -63,6 +64,10 @@ class ShardedSplit(OwnerSplit):
             raise ValueError("process_group differs from the device mesh of the DTensor "
                              "parameters; leave process_group=None under FSDP2")
         return cls(optimizer, group)
+
+    def mesh(self) -> DeviceMesh:
+        """The parameters' device mesh."""
+        return next(p for g in self.optimizer.param_groups for p in g["params"]).device_mesh
 
     def _new_layout(self, params: list[Tensor]) -> None:
         """Learn every rank's shard sizes and shard index (one all-gather per new layout)."""
