@@ -42,6 +42,7 @@ _WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped
 _HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output")
 _EMBEDDING_NAMES = ("wte", "wpe", "embed", "embeddings", "tok_embeddings", "pos_embed",
                     "patch_embed", "position_embeddings")
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
 
@@ -179,13 +180,12 @@ def _ends(model: nn.Module) -> _Ends:
             for n in [names] if isinstance(names, str) else names:
                 if n in modules:
                     into.update(id(m) for m in modules[n].modules())
-    if not hf and not cfg:  # no metadata: the first and last modules holding a matrix
-        bearing = [m for _, m in model.named_modules()
-                   if any(p.dim() >= 2 for p in m.parameters(recurse=False))]
-        if bearing and isinstance(bearing[0], (nn.Linear, nn.modules.conv._ConvNd)):
-            inputs.add(id(bearing[0]))
-        if len(bearing) > 1:
-            heads.add(id(bearing[-1]))
+    if not hf and not cfg:  # no metadata: the first and last layers (in registration order)
+        layers = [m for _, m in model.named_modules() if isinstance(m, _LAYERS)]
+        if layers and not isinstance(layers[0], nn.Embedding):
+            inputs.add(id(layers[0]))
+        if len(layers) > 1:
+            heads.add(id(layers[-1]))
         input_evidence = head_evidence = "position"
     no_decay = getattr(model, "no_weight_decay", None)
     no_decay_names = frozenset(no_decay()) if callable(no_decay) and cfg else frozenset()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from soaplab.roles import MATRIX_ROLES, role_groups
+from soaplab.roles import MATRIX_ROLES, STACK, role_groups
 
 # (groups) -> the matrix half over them.
 Build = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -64,10 +64,10 @@ class Composite(torch.optim.Optimizer):
         for g, role in zip(groups, roles, strict=True):
             g["role"] = role
             g["params"] = list(g["params"])
+        self._views: list[tuple[Tensor, Tensor, int | None]] = []  # (view, parameter, index)
         self._refuse_shards(groups)
         matrix_groups = [g for g in groups if g["role"] in MATRIX_ROLES]
         other = [g for g in groups if g["role"] not in MATRIX_ROLES]
-        self._views: list[tuple[Tensor, Tensor, int | None]] = []  # (view, parameter, index)
         for g in matrix_groups:
             g["params"] = [v for p in g["params"] for v in self._viewed(p, views(p, g["role"]))]
         self._matrix = matrix(matrix_groups) if matrix_groups else None
@@ -119,7 +119,8 @@ class Composite(torch.optim.Optimizer):
 
     def _refuse_shards(self, groups: list[dict[str, Any]]) -> None:
         sharded = any(type(p).__name__ == "DTensor" for g in groups for p in g["params"])
-        if sharded and (not self._shards or self._views):
+        viewed = self._views or any(g["role"] == STACK for g in groups)
+        if sharded and (not self._shards or viewed):
             raise ValueError(f"{self._name} does not support FSDP2's sharded (DTensor) "
                              "parameters; use soap or shampoo, which do")
 
