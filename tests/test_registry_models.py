@@ -38,8 +38,8 @@ def test_every_name_trains_any_module_and_leaves_vectors_undecayed(name):
 
 
 def test_adafactor_defaults_to_its_own_relative_step_size():
-    assert entry("adafactor").lr == 1e-2 and entry("adamw").lr == 1e-3
-    assert soaplab.optimizer("adafactor", _model()).param_groups[0]["lr"] == 1e-2
+    assert entry("adafactor").lr == 1e-1 and entry("adamw").lr == 1e-3
+    assert soaplab.optimizer("adafactor", _model()).param_groups[0]["lr"] == 1e-1
 
 
 def test_soap_of_a_model_is_the_registrys_soap_of_it():
