@@ -9,7 +9,7 @@ import soaplab
 from soaplab.experiments.models.gpt import GPT, GPTConfig
 
 pl = pytest.importorskip(
-    "pytorch_lightning", reason="pytorch-lightning is not installed (pip install -e '.[lightning]')")
+    "pytorch_lightning", reason="pytorch-lightning is not installed: pip install -e '.[lightning]'")
 
 VOCAB, STEPS = 11, 4
 
