@@ -44,3 +44,10 @@ def test_lightning():
     out = _run("lightning.py")
     first, last = _losses(out, r"(\d+\.\d+) at the")
     assert last < first - 0.2
+
+
+def test_the_describe_roles_table_in_the_docs_is_the_scripts_output():
+    pytest.importorskip("transformers", reason="transformers is not installed: pip install "
+                        "-e '.[hf]' (Python >= 3.11)")
+    docs = (ROOT / "docs" / "integrations.md").read_text()
+    assert _run("describe_roles.py").strip() in docs
