@@ -61,9 +61,8 @@ class Composite(torch.optim.Optimizer):
             raise ValueError(f"{name} needs parameter roles: pass a model, or groups like "
                              "[{'params': hidden, 'role': 'hidden'}, {'params': rest, 'role': "
                              "'other'}] (use_muon / use_fallback flags are accepted too)")
-        for g, role in zip(groups, roles, strict=True):
-            g["role"] = role
-            g["params"] = list(g["params"])
+        groups = [{**g, "role": role, "params": list(g["params"])}  # the caller's dicts stay
+                  for g, role in zip(groups, roles, strict=True)]
         self._views: list[tuple[Tensor, Tensor, int | None]] = []  # (view, parameter, index)
         self._refuse_shards(groups)
         matrix_groups = [g for g in groups if g["role"] in MATRIX_ROLES]
