@@ -60,7 +60,7 @@ class Entry:
 
     build: Callable[..., torch.optim.Optimizer]
     family: str
-    lr: float
+    lr: float | None = None  # None: the constructor's own default
     frequency: bool = False
     distributed: bool = False
     presets: Mapping[str, Any] = field(default_factory=dict)
@@ -133,7 +133,8 @@ def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None
     found = entry(name)
     if process_group is not None and found.distributed:
         kwargs["process_group"] = process_group
-    kwargs.setdefault("lr", found.lr)
+    if found.lr is not None:
+        kwargs.setdefault("lr", found.lr)
     if isinstance(params, nn.Module):
         grouped = role_groups if found.takes_model else decay_groups
         params = grouped(params, kwargs.get("weight_decay"), roles)
