@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[data,test,peers]"
+	$(PY) -m pip install -q -e ".[data,test,peers,hf,lightning]"
 	touch $(STAMP)
 
 setup: $(STAMP)

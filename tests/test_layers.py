@@ -36,3 +36,13 @@ def test_the_loop_does_no_file_io():
     assert not {n for n in imports(loop) if n.startswith("soaplab.reporting")}
     source = loop.read_text()
     assert not any(call in source for call in ("torch.save", "torch.load", "open(", "json.dump("))
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "optim").rglob("*.py")) + [PACKAGE / "roles.py"],
+                         ids=str)
+def test_optim_and_roles_import_no_framework(path):
+    """Integrations live in soaplab.integrations, which the optimizers never import; roles
+    duck-type Hugging Face and timm models instead of importing them."""
+    assert not {n for n in imports(path)
+                if n.startswith(("soaplab.integrations", "transformers", "timm", "lightning",
+                                 "pytorch_lightning", "accelerate"))}

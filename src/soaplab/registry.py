@@ -1,7 +1,8 @@
 """Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
 
-``params`` may also be the model itself: ``muon`` then reads its ``param_roles()`` (which
-parameters are hidden matrices, see ``soaplab.optim.muon``), the others its parameters.
+``params`` may also be the model itself, any ``nn.Module``: ``muon`` and ``soap_hidden`` then
+split it by role (``soaplab.roles``: hidden matrices on Muon or SOAP, the rest on AdamW), and
+every optimizer gets its vectors (biases, norm gains) in a group without weight decay.
 
 Experiments and the command line name optimizers as strings; this table is the one place that
 says what a name means: its constructor, preset kwargs (a variant is a name plus presets), the
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from soaplab.roles import decay_groups, role_groups
 
 
 def _soap(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
@@ -37,6 +40,12 @@ def _muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return MuonAdamW(params, **kw)
 
 
+def _soap_hidden(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.soap_hidden import SoapAdamW
+
+    return SoapAdamW(params, **kw)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered optimizer.
@@ -45,28 +54,38 @@ class Entry:
     experiments/tuning.py) this one uses; ``frequency`` says it takes
     ``precondition_frequency`` (swept by ``--freqs``); ``distributed`` says it accepts a
     ``process_group`` (torch's optimizers do not: under DDP they run replicated);
-    ``takes_model`` says it is built from the model itself (see :func:`optimizer`).
+    ``takes_model`` says it is built from the model itself (see :func:`optimizer`); ``lr`` is
+    the learning rate used when none is given.
     """
 
     build: Callable[..., torch.optim.Optimizer]
     family: str
+    lr: float | None = None  # None: the constructor's own default
     frequency: bool = False
     distributed: bool = False
     presets: Mapping[str, Any] = field(default_factory=dict)
-    takes_model: bool = False  # reads the model's param_roles() (muon), not its parameters
+    takes_model: bool = False  # splits the model by role (muon, soap_hidden)
 
     def __call__(self, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
         return self.build(params, **{**self.presets, **kwargs})
 
 
 def _kronecker(build: Callable[..., torch.optim.Optimizer], family: str, **presets: Any) -> Entry:
-    return Entry(build, family, frequency=True, distributed=True, presets=presets)
+    return Entry(build, family, _DEFAULT_LRS[family], frequency=True, distributed=True,
+                 presets=presets)
 
+
+# Learning rates when none is given, per family: AdamW's and Shampoo's constructor defaults,
+# SOAP's and Muon's (match_rms_adamw) the reference's 3e-3, and Adafactor's 1e-1, its tuned lm
+# lr: torch's Adafactor lr is a step relative to each parameter's RMS, so an AdamW-sized lr
+# barely moves a model initialized at std 0.02. The experiments always pass the lr tuned per
+# task (experiments/tasks.py).
+_DEFAULT_LRS = {"adamw": 1e-3, "adafactor": 1e-1, "muon": 3e-3, "shampoo": 1e-3, "soap": 3e-3}
 
 OPTIMIZERS: dict[str, Entry] = {
-    "adamw": Entry(torch.optim.AdamW, "adamw"),
-    "adafactor": Entry(torch.optim.Adafactor, "adafactor"),
-    "muon": Entry(_muon, "muon", takes_model=True),
+    "adamw": Entry(torch.optim.AdamW, "adamw", _DEFAULT_LRS["adamw"]),
+    "adafactor": Entry(torch.optim.Adafactor, "adafactor", _DEFAULT_LRS["adafactor"]),
+    "muon": Entry(_muon, "muon", _DEFAULT_LRS["muon"], takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
     "soap": _kronecker(_soap, "soap"),
@@ -82,6 +101,9 @@ OPTIMIZERS: dict[str, Entry] = {
     # Smaller: bf16 factors, which lose the factors' small eigen-directions (docs/optimizers.md).
     "soap_lowmem_bf16_factors": _kronecker(_soap, "soap", factor_storage="packed_bf16",
                                            basis_storage="int8", momentum_storage="bf16"),
+    # SOAP on the hidden matrices only, AdamW on the rest ("SOAP-H"; soaplab.optim.soap_hidden).
+    "soap_hidden": Entry(_soap_hidden, "soap", _DEFAULT_LRS["soap"], frequency=True,
+                         takes_model=True),
 }
 
 
@@ -99,18 +121,26 @@ def entry(name: str) -> Entry:
 
 
 def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None,
-              **kwargs: Any) -> torch.optim.Optimizer:
+              roles: Mapping[str, str] | None = None, **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered under ``name`` ('-' and '_' are interchangeable).
 
     ``process_group`` (under DDP, e.g. ``torch.distributed.group.WORLD``) reaches soaplab's
     optimizers, which then split their preconditioner work across its ranks (see
     docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
     it: they run replicated, every rank doing the same update on the same all-reduced gradient.
-    So does ``muon`` (torch.optim.Muon and AdamW).
+    So do ``muon`` (torch.optim.Muon and AdamW) and ``soap_hidden``.
+
+    ``roles`` (with a model): ``{glob on parameter names: role}`` that override the inferred
+    roles (see ``soaplab.roles``; ``soaplab.describe_roles`` shows the outcome).
     """
     found = entry(name)
     if process_group is not None and found.distributed:
         kwargs["process_group"] = process_group
-    if isinstance(params, nn.Module) and not found.takes_model:
-        params = params.parameters()
+    if found.lr is not None:
+        kwargs.setdefault("lr", found.lr)
+    if isinstance(params, nn.Module):
+        grouped = role_groups if found.takes_model else decay_groups
+        params = grouped(params, kwargs.get("weight_decay"), roles)
+    elif roles is not None:
+        raise ValueError("roles= needs the model itself, not its parameters")
     return found(params, **kwargs)

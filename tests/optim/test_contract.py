@@ -232,7 +232,8 @@ def test_load_state_dict_rejects_mismatched_parameter_count():
 def test_registry_builds_every_name_and_rejects_unknown_ones():
     for name in soaplab.OPTIMIZERS:
         p = torch.nn.Parameter(torch.randn(4, 3))
-        params = [{"params": [p], "role": "hidden"}] if name == "muon" else [p]
+        params = [{"params": [p], "role": "hidden"}] if soaplab.registry.entry(name).takes_model \
+            else [p]
         opt = soaplab.optimizer(name.replace("_", "-"), params, lr=1e-3)
         with warnings.catch_warnings():
             warnings.simplefilter("error")

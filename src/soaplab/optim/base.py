@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from soaplab.optim import storage
 from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
 from soaplab.optim.distributed.checkpoint import export, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
 from soaplab.optim.distributed.fsdp import ShardedSplit
+from soaplab.optim.guardrails import warn_costly_factors
 from soaplab.optim.interface import Target, local
 from soaplab.optim.kronecker import (
     FactorPlan,
@@ -32,6 +33,7 @@ from soaplab.optim.kronecker import (
 )
 from soaplab.optim.matrix_functions import MatrixFunctionError
 from soaplab.optim.state import state_bytes, state_dtype
+from soaplab.roles import decay_groups
 
 # What a copy (deepcopy, pickle) keeps beyond torch's defaults/state/param_groups (every public
 # attribute), with the value an object pickled by an older soaplab gets.
@@ -144,6 +146,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                           capturable=capturable)
         defaults = {**defaults, "maximize": bool(maximize), "differentiable": False,
                     "batched": resolve_batched(defaults.get("batched"), foreach)}
+        if isinstance(params, nn.Module):  # as soaplab.optimizer(name, model): see soaplab.roles
+            params = decay_groups(params, defaults["weight_decay"])
         super().__init__(params, defaults)
         # DDP or FSDP2 mode (see soaplab.optim.distributed); None: this process does it all.
         # Decided again whenever the parameters change (see :attr:`split`).
@@ -153,6 +157,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         self._sync_split()
         self.nonfinite = nonfinite
         self.matrix_dtype = matrix_dtype
+        warn_costly_factors(self)
         self.skipped_steps = 0
         self.matrix_failures = 0
 
