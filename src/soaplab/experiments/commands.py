@@ -13,7 +13,7 @@ from soaplab import torchrun
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import PRECISIONS, TrainConfig
 from soaplab.experiments.tasks import TASKS, TaskOptions
-from soaplab.registry import OPTIMIZERS
+from soaplab.registry import OPTIMIZERS, canonical
 
 INTERRUPTED = ("rerun the same command with --resume to continue: finished runs are kept, and "
                "a run with --checkpoint-every continues from its last checkpoint")
@@ -88,6 +88,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--reuse", type=Path, action="append", default=[], metavar="FOLDER",
                        help="copy finished runs from this earlier comparison's folder instead "
                             "of training them, where their settings are identical (repeatable)")
+        p.add_argument("--against", default=None, metavar="NAME",
+                       help="add paired-seed statistics of every optimizer against this one "
+                            "(one of --optimizers) to the report: per seed, the difference of "
+                            "final losses and the steps to its final loss, with a verdict")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         for flag, kwargs in spec.flags:
             p.add_argument(flag, **kwargs)
@@ -111,6 +115,9 @@ def _check(args: argparse.Namespace) -> None:
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
         raise ValueError(f"--lrs must be positive and finite (an lr of 0 trains nothing), "
                          f"got {args.lrs}")
+    if args.against is not None and canonical(args.against) not in args.optimizers:
+        raise ValueError(f"--against {args.against} is not among --optimizers "
+                         f"({','.join(args.optimizers)}); add it there")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite moves it aside; "
                          "pass one of them")
@@ -140,5 +147,6 @@ def _config(args: argparse.Namespace) -> CompareConfig:
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
                          lrs=args.lrs, seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
+                         against=None if args.against is None else canonical(args.against),
                          resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())

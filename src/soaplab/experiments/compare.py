@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from soaplab import torchrun
-from soaplab.experiments import sweeps, tuning
+from soaplab.experiments import paired, sweeps, tuning
 from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
 from soaplab.experiments.run_folder import RunFolder
@@ -42,6 +42,7 @@ class CompareConfig:
     resume: bool = False
     overwrite: bool = False
     reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
+    against: str | None = None  # a paired-seed section against this optimizer (report only)
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -147,6 +148,8 @@ def compare(cfg: CompareConfig) -> Path:
         row["tokens_per_param"] = _train(cfg, run).steps * _task(cfg, run).batch_size * per_example
     sections, figures = sweeps.sections(rows, cfg.out, len(cfg.seeds) > 1,
                                         bool(cfg.batch_sizes), bool(cfg.lengths))
+    if cfg.against is not None:
+        sections += paired.section(rows, sweeps.summary(rows), cfg.against)
     environment = read_config(cfg.out)["environment"]  # where the comparison began
     return write_report(cfg.out, cfg.task, rows, results, targets, environment, sections,
                         figures)

@@ -17,8 +17,8 @@ from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
 
 COLUMNS = ["optimizer", "freq", "lr", "seed", "batch_size", "steps", "final_train_loss",
-           "final_val_loss", "steps_to_target", "seconds_to_target", "train_seconds",
-           "optimizer_share", "state_mb", "diverged"]
+           "final_val_loss", "best_val_loss", "steps_to_target", "seconds_to_target",
+           "train_seconds", "optimizer_share", "state_mb", "diverged"]
 
 
 def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"
