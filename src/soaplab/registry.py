@@ -37,6 +37,12 @@ def _muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return MuonAdamW(params, **kw)
 
 
+def _normuon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.normuon import NorMuonAdamW
+
+    return NorMuonAdamW(params, **kw)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered optimizer.
@@ -67,6 +73,7 @@ OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(torch.optim.AdamW, "adamw"),
     "adafactor": Entry(torch.optim.Adafactor, "adafactor"),
     "muon": Entry(_muon, "muon", takes_model=True),
+    "normuon": Entry(_normuon, "normuon", takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
     "soap": _kronecker(_soap, "soap"),

@@ -27,6 +27,7 @@ COMMON: dict[str, dict[str, Any]] = {
     "shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "soap": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
+    "normuon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
 UNTUNED_LR = 3e-3  # for a family no sweep has tuned yet
 
