@@ -37,6 +37,12 @@ def _muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return MuonAdamW(params, **kw)
 
 
+def _kl_shampoo(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.kl_shampoo import KLShampoo
+
+    return KLShampoo(params, **kw)
+
+
 def _normuon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     from soaplab.optim.normuon import NorMuonAdamW
 
@@ -76,6 +82,7 @@ OPTIMIZERS: dict[str, Entry] = {
     "normuon": Entry(_normuon, "normuon", takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
+    "kl_shampoo": Entry(_kl_shampoo, "kl_shampoo", frequency=True),
     "soap": _kronecker(_soap, "soap"),
     "soap_eigh": _kronecker(_soap, "soap", refresh="eigh"),
     "soap_adaptive": _kronecker(_soap, "soap", precondition_frequency=1, refresh_tolerance=0.15,

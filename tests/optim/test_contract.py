@@ -8,6 +8,7 @@ import torch
 
 import soaplab
 from soaplab import SOAP, Shampoo
+from soaplab.optim.kl_shampoo import KLShampoo
 
 from .problems import step_both
 
@@ -16,6 +17,7 @@ OPTIMIZERS = {
     "soap_factorized_one_sided": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
                                                        factorized=True, one_sided=True, **kw),
     "shampoo": lambda ps, **kw: Shampoo(ps, precondition_frequency=2, **kw),
+    "kl_shampoo": lambda ps, **kw: KLShampoo(ps, precondition_frequency=2, **kw),
 }
 make = pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 
@@ -232,7 +234,7 @@ def test_load_state_dict_rejects_mismatched_parameter_count():
 def test_registry_builds_every_name_and_rejects_unknown_ones():
     for name in soaplab.OPTIMIZERS:
         p = torch.nn.Parameter(torch.randn(4, 3))
-        params = [{"params": [p], "role": "hidden"}] if name == "muon" else [p]
+        params = [{"params": [p], "role": "hidden"}] if name in ("muon", "normuon") else [p]
         opt = soaplab.optimizer(name.replace("_", "-"), params, lr=1e-3)
         with warnings.catch_warnings():
             warnings.simplefilter("error")

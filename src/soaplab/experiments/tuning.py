@@ -26,6 +26,7 @@ COMMON: dict[str, dict[str, Any]] = {
     "adafactor": {"weight_decay": 0.0},
     "shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "soap": {"betas": (0.95, 0.95), "weight_decay": 0.0},
+    "kl_shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
     "normuon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
