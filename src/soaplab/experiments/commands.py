@@ -110,6 +110,8 @@ def _check(args: argparse.Namespace) -> None:
     for name, value in (("--warmup", args.warmup), ("--checkpoint-every", args.checkpoint_every)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= getattr(args, "dropout", 0.0) < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if any(f < 1 for f in args.freqs or []):
         raise ValueError(f"--freqs must be >= 1, got {args.freqs}")
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
