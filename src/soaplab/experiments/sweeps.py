@@ -22,7 +22,8 @@ Row = dict[str, Any]
 
 
 def _curve(row: Row) -> str:
-    return row["optimizer"] + (f" f={row['freq']}" if row["freq"] is not None else "")
+    return row["optimizer"] + "".join(f" {k}={row[key]}" for k, key in (
+        ("f", "freq"), ("beta2", "beta2"), ("m", "momentum")) if row.get(key) is not None)
 
 
 def _final(row: Row) -> float:
