@@ -80,11 +80,12 @@ def test_first_reach_and_pairing():
     assert diverged.final is None and diverged.loss_difference is None
 
 
-def _row(optimizer: str, lr: float, seed: int, final: float) -> dict:
+def _row(optimizer: str, lr: float, seed: int, final: float, momentum=None) -> dict:
     evals = [{"step": s, "val_loss": v, "train_time": float(s), "train_loss": v}
              for s, v in _curve(final)]
     return {"run": f"{optimizer}-lr{lr:g}-s{seed}", "curve": optimizer, "optimizer": optimizer,
-            "freq": None, "lr": lr, "seed": seed, "batch_size": None, "steps": None,
+            "freq": None, "lr": lr, "momentum": momentum, "seed": seed, "batch_size": None,
+            "steps": None,
             "final_val_loss": final, "best_val_loss": final, "diverged": False, "evals": evals,
             "tokens_per_param": 1.0}
 
@@ -103,6 +104,21 @@ def test_section_pairs_each_optimizer_at_its_best_lr():
     # a loss on final loss, and on steps: adamw never reaches muon's final loss
     assert adamw.count("| loss |") == 2 and "undefined" in adamw and "| never |" in text
     assert text.count("| soap | 4 |") == 1  # the per-seed rows: seed 4 once
+
+
+def test_the_reference_is_the_best_of_its_swept_settings():
+    rows = []
+    for seed in range(5):
+        rows += [_row("muon", 0.01, seed, 1.1 + 0.01 * seed, momentum=0.9),
+                 _row("muon", 0.01, seed, 1.0 + 0.01 * seed, momentum=0.95),
+                 _row("soap", 0.01, seed, 1.0 + 0.01 * seed + 0.002 * (-1) ** seed)]
+    lines = section(rows, summary(rows), "muon")
+    assert "Reference: muon m=0.95, muon's best setting." in lines
+    text = "\n".join(lines)
+    assert "| muon m=0.9 | 5 | +0.1000 ± 0.0000 | loss |" in text
+    assert "| soap | 5 |" in text and "| muon m=0.95 | 5 |" not in text
+    soap = next(line for line in text.splitlines() if line.startswith("| soap | 5 |"))
+    assert "no significant difference" in soap
 
 
 def test_against_in_compare(tmp_path, capsys):

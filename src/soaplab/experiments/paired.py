@@ -137,10 +137,22 @@ def _curve(row: Row) -> Curve | None:
     return [(e["step"], e["val_loss"]) for e in row["evals"]]
 
 
+def _reference(best_lrs: Sequence[Row], against: str) -> dict[tuple, str]:
+    """Per cell (batch size, length), the curve of ``against`` with the lowest mean final loss
+    (several where β2, momentum or frequencies were swept)."""
+    chosen: dict[tuple, Row] = {}
+    for b in best_lrs:
+        cell, score = (b["batch_size"], b["steps"]), b["final_val_loss_mean"]
+        if b["curve"].split()[0] == against and score is not None and (
+                cell not in chosen or score < chosen[cell]["final_val_loss_mean"]):
+            chosen[cell] = b
+    return {cell: b["curve"] for cell, b in chosen.items()}
+
+
 def section(rows: Sequence[Row], best_lrs: Sequence[Row], against: str) -> list[str]:
     """Markdown lines comparing every curve with ``against``, paired by seed, at each one's
     best lr (``best_lrs``: the rows of ``sweeps.summary``) in each cell of batch size ×
-    training length."""
+    training length; where ``against`` ran with several settings, with its best one."""
     chosen = {(b["curve"], b["batch_size"], b["steps"]): b["lr"] for b in best_lrs}
     runs: dict[tuple, dict[int, Curve | None]] = defaultdict(dict)
     for r in rows:
@@ -148,7 +160,7 @@ def section(rows: Sequence[Row], best_lrs: Sequence[Row], against: str) -> list[
         if chosen.get((name, r["batch_size"], r["steps"])) == r["lr"]:
             runs[(name, r["batch_size"], r["steps"])][r["seed"]] = _curve(r)
     lines = [f"## Paired seeds against {against}", "",
-             f"Each optimizer at its best lr against {against} at its best lr, paired by seed "
+             f"Each optimizer at its best lr against {against} at its best, paired by seed "
              "(same initial weights and batches). Final: the difference of final validation "
              f"losses (negative: better than {against}). Steps: the steps to reach "
              f"{against}'s final loss of that seed, minus the steps {against} needs itself "
@@ -156,13 +168,16 @@ def section(rows: Sequence[Row], best_lrs: Sequence[Row], against: str) -> list[
              f"≥ {MIN_SEEDS} seeds, the mean beyond {SIGMAS:g} standard errors and the same "
              f"sign on ≥ {AGREEMENT:.0%} of the seeds.", ""]
     summary, per_seed = [], []
-    references = {(b, n): seeds for (name, b, n), seeds in runs.items() if name == against}
-    if not references:
+    reference = _reference(best_lrs, against)
+    if not reference:
         return lines + [f"No finished {against} run to pair with.", ""]
+    if any(name != against for name in reference.values()):
+        lines += [f"Reference: {', '.join(sorted(set(reference.values())))}, {against}'s best "
+                  "setting.", ""]
     for (name, b, n), seeds in runs.items():
-        if name == against or (b, n) not in references:
+        if (b, n) not in reference or name == reference[b, n]:
             continue
-        paired = pair(seeds, references[b, n])
+        paired = pair(seeds, runs[(reference[b, n], b, n)])
         cell = {"curve": name, "batch_size": b, "steps": n}
         final = verdict([s.loss_difference for s in paired])
         steps = verdict([s.steps_difference for s in paired])
