@@ -29,7 +29,8 @@ def _oracle(W0, grads, bases, factored, lr, betas, weight_decay, precondition_fr
     G0 = grads[0]
     S = [(1 - beta) * G0 @ G0.T / n, (1 - beta) * G0.T @ G0 / m]
     Q = [b if f else torch.eye(b.shape[0]) for b, f in zip(bases, factored, strict=True)]
-    lam = [torch.full((m,), init_eigenvalue), torch.full((n,), init_eigenvalue)]
+    start = G0.square().mean().sqrt() if init_eigenvalue is None else init_eigenvalue
+    lam = [torch.full((m,), start), torch.full((n,), start)]
     floor = [1 / max(10, min(d, 4000)) ** 2 for d in (m, n)]
     for t, G in enumerate(grads[1:], 1):
         M = beta1 * M + (1 - beta1) * G
@@ -56,13 +57,15 @@ def _grads(shape, count, seed=0):
     return [torch.randn(shape, generator=gen) for _ in range(count)]
 
 
+@pytest.mark.parametrize("init", [0.1, None])
 @pytest.mark.parametrize(("shape", "max_dim"), [((4, 4), 100), ((3, 5), 100), ((5, 3), 100),
                                                 ((3, 6), 4)])  # (3, 6): axis 1 unfactored
-def test_update_matches_a_dense_float64_oracle(float64, shape, max_dim):
+def test_update_matches_a_dense_float64_oracle(float64, shape, max_dim, init):
     W0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     grads = _grads(shape, 7)
     p = nn.Parameter(W0.clone())
-    opt = KLShampoo([p], max_precond_dim=max_dim, **KW)
+    kw = {**KW, "init_eigenvalue": init}
+    opt = KLShampoo([p], max_precond_dim=max_dim, **kw)
     p.grad = grads[0].clone()
     opt.step()
     assert torch.equal(p.detach(), W0)  # the first call makes no update
@@ -82,19 +85,25 @@ def test_update_matches_a_dense_float64_oracle(float64, shape, max_dim):
     for G in grads[1:]:
         p.grad = G.clone()
         opt.step()
-    expected = _oracle(W0, grads, bases, factored, **KW)
+    expected = _oracle(W0, grads, bases, factored, **kw)
     torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_first_call_builds_the_factors_from_the_gradient(float64):
-    G = torch.randn(3, 5)
-    p = nn.Parameter(torch.zeros(3, 5))
+    G = torch.randn(3, 5) * 1e-3
+    p, q = nn.Parameter(torch.zeros(3, 5)), nn.Parameter(torch.zeros(3, 5))
     opt = KLShampoo([p], betas=(0.9, 0.8))
-    p.grad = G.clone()
+    prototype = KLShampoo([q], betas=(0.9, 0.8), init_eigenvalue=0.1)
+    p.grad, q.grad = G.clone(), G.clone()
     opt.step()
+    prototype.step()
     torch.testing.assert_close(opt.state[p]["factor_0"], 0.2 * G @ G.T / 5)
     torch.testing.assert_close(opt.state[p]["factor_1"], 0.2 * G.T @ G / 3)
-    assert torch.equal(opt.state[p]["eigenvalues_1"], torch.full((5,), 0.1))
+    # by default the product of the eigenvalues starts at the gradient's mean square
+    start = G.square().mean().sqrt()
+    for k, d in ((0, 3), (1, 5)):
+        torch.testing.assert_close(opt.state[p][f"eigenvalues_{k}"], start.expand(d))
+        assert torch.equal(prototype.state[q][f"eigenvalues_{k}"], torch.full((d,), 0.1))
 
 
 def test_a_vector_takes_adam_like_steps(float64):

@@ -19,10 +19,18 @@ and every ``precondition_frequency`` steps Q ← QR(S·Q) (SOAP's power step; it
 columns by Rayleigh quotient first, which the prototype does not, and λ follows its columns).
 β is ``shampoo_beta`` (negative: β2). This is the rule of the authors' prototype
 (github.com/yorkerlin/KL-Methods, ``optim/kl_opt.py``): the first call only builds
-S_a = (1-β) G Gᵀ / n, S_b = (1-β) Gᵀ G / m and Q by eigh, with λ = ``init_eigenvalue``, and
-makes no update; the momentum has no bias
+S_a = (1-β) G Gᵀ / n, S_b = (1-β) Gᵀ G / m and Q by eigh, and makes no update; the momentum
+has no bias
 correction; λ^{-1/2} is capped at max(10, min(d, 4000)) per axis (λ is kept at or above
 1/cap², and there is no ε); decoupled weight decay W ← W − η·wd·W follows the update.
+
+One deliberate difference: the prototype starts every λ at 0.1 (``init_eigenvalue=0.1`` does
+that here). For gradients far smaller than that (clipped gradients of a small model: mean
+square ~1e-5) λ^{-1/2} then stays too small for the first hundred-odd steps, which a short
+run cannot afford (the micro GPT's lr grid in docs/optimizers.md). By default
+(``init_eigenvalue=None``) every axis starts at mean(G²)^{1/order} of the first gradient, so
+that the product of the λ's, the preconditioner's scale, starts at the gradient's mean square
+and the first step is about m/RMS(G), as Adam's is.
 
 A tensor of any order generalizes it axis by axis (the other axes' inverses whiten each
 factor's statistic, normalised by their size). An axis without a factor (a vector's, or one
@@ -64,7 +72,8 @@ class KLShampoo(KroneckerOptimizer):
         shampoo_beta: EMA coefficient of the factors and eigenvalues; negative means "use β2".
         weight_decay: decoupled weight decay (p -= lr·wd·p after the update).
         precondition_frequency: steps between basis refreshes.
-        init_eigenvalue: the eigenvalues' starting value (the prototype's ``init_factor``).
+        init_eigenvalue: the eigenvalues' starting value (the prototype's ``init_factor``,
+            0.1); None: mean(G²)^{1/order} of the first gradient on every axis.
         max_precond_dim, merge_dims, precondition_1d, data_format: as in SOAP.
         matrix_dtype, nonfinite, batched, maximize, foreach: as in SOAP.
         process_group: refused; there is no split mode (see docs/optimizers.md).
@@ -73,7 +82,7 @@ class KLShampoo(KroneckerOptimizer):
     def __init__(self, params: Iterable, lr: float = 3e-3,
                  betas: tuple[float, float] = (0.95, 0.95), shampoo_beta: float = -1,
                  weight_decay: float = 0.0, precondition_frequency: int = 10,
-                 init_eigenvalue: float = 0.1, max_precond_dim: int = 10000,
+                 init_eigenvalue: float | None = None, max_precond_dim: int = 10000,
                  merge_dims: bool = False, precondition_1d: bool = False,
                  data_format: str = "channels_first", *, matrix_dtype: Any = None,
                  nonfinite: str = "raise", batched: bool | None = None,
@@ -87,7 +96,8 @@ class KLShampoo(KroneckerOptimizer):
             check_beta("shampoo_beta", shampoo_beta)
         check_nonnegative("weight_decay", weight_decay)
         check_int("precondition_frequency", precondition_frequency, 1)
-        check_positive("init_eigenvalue", init_eigenvalue)
+        if init_eigenvalue is not None:
+            check_positive("init_eigenvalue", init_eigenvalue)
         check_int("max_precond_dim", max_precond_dim, 0)
         check_choice("data_format", data_format, ("channels_first", "channels_last"))
         defaults = dict(lr=lr, betas=betas, shampoo_beta=shampoo_beta,
@@ -122,14 +132,16 @@ class KLShampoo(KroneckerOptimizer):
 
     def _init_bucket(self, bucket: Bucket, group: dict[str, Any]) -> None:
         """First call: the factors from this gradient, bases by eigh, eigenvalues at
-        ``init_eigenvalue``; no update."""
+        ``init_eigenvalue`` (or from the gradient's mean square); no update."""
         plan, G = bucket.plan, bucket.grads
         for s in bucket.states:
             s["step"] = 0
         bucket.store("exp_avg", torch.zeros_like(G))
+        init = group["init_eigenvalue"]
+        start = G.new_full((len(bucket.states), 1), init) if init is not None else \
+            _mean_square(G).pow(1 / len(plan.shape)).unsqueeze(1)
         for k, d in enumerate(plan.shape):
-            bucket.store(f"eigenvalues_{k}", G.new_full((len(bucket.states), d),
-                                                        float(group["init_eigenvalue"])))
+            bucket.store(f"eigenvalues_{k}", start.expand(-1, d).clone())
         share = (1 - factor_beta(group)) / G[0].numel()
         for axis in plan.axes:
             factor = gram(G, axis) * (share * plan.shape[axis])
@@ -153,6 +165,12 @@ class KLShampoo(KroneckerOptimizer):
             eigenvalues = bucket.stack(f"eigenvalues_{axis}")
             bucket.store(f"eigenvalues_{axis}", torch.gather(eigenvalues, 1, order))
             bucket.store(f"basis_{axis}", basis)
+
+
+def _mean_square(G: Tensor) -> Tensor:
+    """Each member's mean square, (B,), kept above the smallest normal number (a zero
+    gradient must not start λ at 0)."""
+    return G.square().flatten(1).mean(dim=1).clamp_min(torch.finfo(G.dtype).tiny)
 
 
 def _cap(d: int) -> float:
