@@ -46,6 +46,18 @@ def _soap_hidden(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return SoapAdamW(params, **kw)
 
 
+def _kl_shampoo(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.kl_shampoo import KLShampoo
+
+    return KLShampoo(params, **kw)
+
+
+def _normuon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.normuon import NorMuonAdamW
+
+    return NorMuonAdamW(params, **kw)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One registered optimizer.
@@ -86,8 +98,10 @@ OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(torch.optim.AdamW, "adamw", _DEFAULT_LRS["adamw"]),
     "adafactor": Entry(torch.optim.Adafactor, "adafactor", _DEFAULT_LRS["adafactor"]),
     "muon": Entry(_muon, "muon", _DEFAULT_LRS["muon"], takes_model=True),
+    "normuon": Entry(_normuon, "normuon", takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
+    "kl_shampoo": Entry(_kl_shampoo, "kl_shampoo", frequency=True),
     "soap": _kronecker(_soap, "soap"),
     "soap_eigh": _kronecker(_soap, "soap", refresh="eigh"),
     "soap_adaptive": _kronecker(_soap, "soap", precondition_frequency=1, refresh_tolerance=0.15,

@@ -112,7 +112,7 @@ def test_seed_summary_takes_mean_and_spread_at_the_best_lr():
     def row(opt, lr, seed, final, steps):
         return {"optimizer": opt, "freq": None, "lr": lr, "seed": seed, "batch_size": None,
                 "steps": None, "tokens_per_param": 1.0, "final_val_loss": final,
-                "diverged": False, "steps_to_target": steps,
+                "best_val_loss": final - 0.05, "diverged": False, "steps_to_target": steps,
                 "seconds_to_target": steps and steps / 10}
     rows = [row("adamw", 1e-3, 0, 2.0, 100), row("adamw", 1e-3, 1, 2.2, 100),
             row("soap", 1e-3, 0, 1.8, 50), row("soap", 1e-3, 1, 1.9, 70),
@@ -120,6 +120,7 @@ def test_seed_summary_takes_mean_and_spread_at_the_best_lr():
     soap = next(r for r in summary(rows) if r["curve"] == "soap")
     assert soap["lr"] == 1e-3 and soap["seeds"] == 2
     assert soap["final_val_loss"] == "1.850 ± 0.071"
+    assert soap["best_val_loss"] == "1.800 ± 0.071"
     assert soap["steps_ratio"] == "0.600 ± 0.141"
     assert crossovers({"a": ([1, 10, 100], [0.8, 0.9, 1.2])}) == [
         "- a: crosses 1 between 10 and 100 tokens/parameter"]

@@ -8,6 +8,7 @@ import torch
 
 import soaplab
 from soaplab import SOAP, Shampoo
+from soaplab.optim.kl_shampoo import KLShampoo
 
 from .problems import step_both
 
@@ -16,6 +17,7 @@ OPTIMIZERS = {
     "soap_factorized_one_sided": lambda ps, **kw: SOAP(ps, precondition_frequency=2,
                                                        factorized=True, one_sided=True, **kw),
     "shampoo": lambda ps, **kw: Shampoo(ps, precondition_frequency=2, **kw),
+    "kl_shampoo": lambda ps, **kw: KLShampoo(ps, precondition_frequency=2, **kw),
 }
 make = pytest.mark.parametrize("make", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
 

@@ -13,7 +13,7 @@ from soaplab import torchrun
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import PRECISIONS, TrainConfig
 from soaplab.experiments.tasks import TASKS, TaskOptions
-from soaplab.registry import OPTIMIZERS
+from soaplab.registry import OPTIMIZERS, canonical
 
 INTERRUPTED = ("rerun the same command with --resume to continue: finished runs are kept, and "
                "a run with --checkpoint-every continues from its last checkpoint")
@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="preconditioning frequencies to sweep for soap/shampoo, e.g. 1,10,100")
         p.add_argument("--lrs", type=_list(float), default=None,
                        help="learning rates to sweep (default: the tuned lr of each optimizer)")
+        p.add_argument("--beta2s", type=_list(float), default=None,
+                       help="β2 values to sweep for the Adam-type optimizers (adamw, soap, "
+                            "shampoo, kl_shampoo and their variants), e.g. 0.95,0.99")
+        p.add_argument("--momenta", type=_list(float), default=None,
+                       help="momentum values to sweep for the Muon-type optimizers (muon, "
+                            "normuon), e.g. 0.9,0.95")
         p.add_argument("--seeds", type=_list(int), default=[0],
                        help="seeds (default 0); with several, the report gives the mean and "
                             "spread of the final loss and of the ratios to AdamW")
@@ -88,6 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--reuse", type=Path, action="append", default=[], metavar="FOLDER",
                        help="copy finished runs from this earlier comparison's folder instead "
                             "of training them, where their settings are identical (repeatable)")
+        p.add_argument("--against", default=None, metavar="NAME",
+                       help="add paired-seed statistics of every optimizer against this one "
+                            "(one of --optimizers) to the report: per seed, the difference of "
+                            "final losses and the steps to its final loss, with a verdict")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         for flag, kwargs in spec.flags:
             p.add_argument(flag, **kwargs)
@@ -106,11 +116,19 @@ def _check(args: argparse.Namespace) -> None:
     for name, value in (("--warmup", args.warmup), ("--checkpoint-every", args.checkpoint_every)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= getattr(args, "dropout", 0.0) < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    for name, values in (("--beta2s", args.beta2s), ("--momenta", args.momenta)):
+        if any(not 0 <= v < 1 for v in values or []):
+            raise ValueError(f"{name} must be in [0, 1), got {values}")
     if any(f < 1 for f in args.freqs or []):
         raise ValueError(f"--freqs must be >= 1, got {args.freqs}")
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
         raise ValueError(f"--lrs must be positive and finite (an lr of 0 trains nothing), "
                          f"got {args.lrs}")
+    if args.against is not None and canonical(args.against) not in args.optimizers:
+        raise ValueError(f"--against {args.against} is not among --optimizers "
+                         f"({','.join(args.optimizers)}); add it there")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite moves it aside; "
                          "pass one of them")
@@ -138,7 +156,9 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                         device=torchrun.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
-                         lrs=args.lrs, seeds=args.seeds, batch_sizes=args.batch_sizes,
+                         lrs=args.lrs, beta2s=args.beta2s, momenta=args.momenta,
+                         seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
+                         against=None if args.against is None else canonical(args.against),
                          resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())

@@ -1,5 +1,5 @@
-"""Compare optimizers on one task: optimizers × frequencies × lrs × seeds (× batch sizes ×
-training lengths) -> one run folder.
+"""Compare optimizers on one task: optimizers × frequencies × lrs (× β2s or momenta) × seeds
+(× batch sizes × training lengths) -> one run folder.
 
 The headline measure is the SOAP paper's: how many steps (and seconds of training) each
 optimizer needs to reach the final validation loss of AdamW run for the full budget. The
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from soaplab import torchrun
-from soaplab.experiments import sweeps, tuning
+from soaplab.experiments import paired, sweeps, tuning
 from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
 from soaplab.experiments.run_folder import RunFolder
@@ -35,6 +35,8 @@ class CompareConfig:
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon", "soap"])
     freqs: list[int] | None = None
     lrs: list[float] | None = None
+    beta2s: list[float] | None = None  # β2 of the Adam-type optimizers (tuning.BETA2_FAMILIES)
+    momenta: list[float] | None = None  # momentum of the Muon-type ones (MOMENTUM_FAMILIES)
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_sizes: list[int] | None = None  # a batch-size sweep (steps held fixed)
     lengths: list[int] | None = None  # a training-length sweep: step budgets
@@ -42,6 +44,7 @@ class CompareConfig:
     resume: bool = False
     overwrite: bool = False
     reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
+    against: str | None = None  # a paired-seed section against this optimizer (report only)
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -49,7 +52,9 @@ class CompareConfig:
         return {"task": asdict(self.task),
                 "train": {k: v for k, v in train.items() if k not in PER_RUN},
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
-                "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths}
+                "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths,
+                # only when swept, so that folders made before these sweeps still resume
+                **{k: v for k, v in (("beta2s", self.beta2s), ("momenta", self.momenta)) if v}}
 
 
 @dataclass
@@ -60,13 +65,18 @@ class Run:
     seed: int
     batch_size: int | None = None  # None: the task's
     steps: int | None = None  # None: the training config's
+    beta2: float | None = None  # None: the optimizer's tuned setting (tuning.COMMON)
+    momentum: float | None = None
 
     @property
     def label(self) -> str:
         freq = f"-f{self.freq}" if self.freq is not None else ""
+        beta2 = f"-beta2{self.beta2:g}" if self.beta2 is not None else ""
+        momentum = f"-mom{self.momentum:g}" if self.momentum is not None else ""
         batch = f"-b{self.batch_size}" if self.batch_size is not None else ""
         steps = f"-n{self.steps}" if self.steps is not None else ""
-        return f"{self.optimizer}{freq}-lr{self.lr:g}{batch}{steps}-s{self.seed}"
+        return (f"{self.optimizer}{freq}-lr{self.lr:g}{beta2}{momentum}{batch}{steps}"
+                f"-s{self.seed}")
 
     @property
     def cell(self) -> tuple[int | None, int | None, int]:
@@ -77,7 +87,8 @@ class Run:
     def curve(self) -> str:
         """Legend label: the runs that one line stands for."""
         return self.optimizer + "".join(f" {k}={v}" for k, v in (
-            ("f", self.freq), ("b", self.batch_size), ("n", self.steps)) if v is not None)
+            ("f", self.freq), ("beta2", self.beta2), ("m", self.momentum),
+            ("b", self.batch_size), ("n", self.steps)) if v is not None)
 
 
 def plan_runs(cfg: CompareConfig) -> list[Run]:
@@ -85,7 +96,10 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     for name in cfg.optimizers:
         freqs = cfg.freqs if cfg.freqs and tuning.uses_frequency(name) else [None]
         lrs = cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
-        runs += [Run(name, f, lr, s, b, n) for f in freqs for lr in lrs
+        beta2s = cfg.beta2s if cfg.beta2s and tuning.sweeps_beta2(name) else [None]
+        momenta = cfg.momenta if cfg.momenta and tuning.sweeps_momentum(name) else [None]
+        runs += [Run(name, f, lr, s, b, n, b2, m) for f in freqs for lr in lrs
+                 for b2 in beta2s for m in momenta
                  for b in cfg.batch_sizes or [None] for n in cfg.lengths or [None]
                  for s in cfg.seeds]
     return runs
@@ -105,7 +119,8 @@ def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, An
     s = result.summary
     evals, total = s["evals"], s["train_seconds"]
     row = {"run": run.label, "curve": run.curve, "optimizer": run.optimizer, "freq": run.freq,
-           "lr": run.lr, "seed": run.seed, "batch_size": run.batch_size, "steps": run.steps,
+           "lr": run.lr, "beta2": run.beta2, "momentum": run.momentum, "seed": run.seed,
+           "batch_size": run.batch_size, "steps": run.steps,
            "final_train_loss": s["final_train_loss"],
            "final_val_loss": evals[-1]["val_loss"] if evals else None,
            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
@@ -147,6 +162,8 @@ def compare(cfg: CompareConfig) -> Path:
         row["tokens_per_param"] = _train(cfg, run).steps * _task(cfg, run).batch_size * per_example
     sections, figures = sweeps.sections(rows, cfg.out, len(cfg.seeds) > 1,
                                         bool(cfg.batch_sizes), bool(cfg.lengths))
+    if cfg.against is not None:
+        sections += paired.section(rows, sweeps.summary(rows), cfg.against)
     environment = read_config(cfg.out)["environment"]  # where the comparison began
     return write_report(cfg.out, cfg.task, rows, results, targets, environment, sections,
                         figures)
@@ -182,7 +199,8 @@ def _train(cfg: CompareConfig, run: Run) -> TrainConfig:
     length = {} if run.steps is None else {"steps": run.steps,
                                            "warmup": min(cfg.train.warmup, run.steps)}
     return replace(cfg.train, optimizer=run.optimizer, lr=run.lr, seed=run.seed,
-                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq), **length)
+                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq, run.beta2,
+                                                            run.momentum), **length)
 
 
 def _tokens_per_param_per_example(task: TaskOptions) -> float:

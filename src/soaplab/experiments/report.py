@@ -16,9 +16,9 @@ from soaplab.reporting import plots
 from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
 
-COLUMNS = ["optimizer", "freq", "lr", "seed", "batch_size", "steps", "final_train_loss",
-           "final_val_loss", "steps_to_target", "seconds_to_target", "train_seconds",
-           "optimizer_share", "state_mb", "diverged"]
+COLUMNS = ["optimizer", "freq", "lr", "beta2", "momentum", "seed", "batch_size", "steps",
+           "final_train_loss", "final_val_loss", "best_val_loss", "steps_to_target",
+           "seconds_to_target", "train_seconds", "optimizer_share", "state_mb", "diverged"]
 
 
 def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"

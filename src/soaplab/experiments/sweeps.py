@@ -22,7 +22,8 @@ Row = dict[str, Any]
 
 
 def _curve(row: Row) -> str:
-    return row["optimizer"] + (f" f={row['freq']}" if row["freq"] is not None else "")
+    return row["optimizer"] + "".join(f" {k}={row[key]}" for k, key in (
+        ("f", "freq"), ("beta2", "beta2"), ("m", "momentum")) if row.get(key) is not None)
 
 
 def _final(row: Row) -> float:
@@ -76,8 +77,9 @@ def summary(rows: Sequence[Row]) -> list[Row]:
     for (curve, batch, steps), by_lr in groups.items():
         lr, seeds = min(by_lr.items(), key=lambda kv: statistics.fmean(map(_final, kv[1])))
         n = len(seeds)
-        stats = {k: _spread([s[k] for s in seeds]) for k in ("final_val_loss", "steps_ratio",
-                                                             "time_ratio", "loss_ratio")}
+        stats = {k: _spread([s[k] for s in seeds]) for k in ("final_val_loss", "best_val_loss",
+                                                             "steps_ratio", "time_ratio",
+                                                             "loss_ratio")}
         out.append({"curve": curve, "batch_size": batch, "steps": steps,
                     "tokens_per_param": seeds[0]["tokens_per_param"], "lr": lr, "seeds": n,
                     **{k: _cell(*v, n) for k, v in stats.items()},
@@ -139,7 +141,8 @@ def sections(rows: Sequence[Row], out: Path, seeds: bool, batch_sizes: bool, len
              "that set the target (same seed, batch size and length): below 1, fewer steps "
              "(seconds) than AdamW; `not reached`: the run never got to AdamW's final loss.",
              "", markdown_table(table, ["curve", *axes, "tokens_per_param", "lr", "seeds",
-                                         "final_val_loss", "steps_ratio", "time_ratio"])]
+                                         "final_val_loss", "best_val_loss", "steps_ratio",
+                                         "time_ratio"])]
     figures = []
     if batch_sizes:
         lines += ["## Batch size", "",

@@ -26,15 +26,26 @@ COMMON: dict[str, dict[str, Any]] = {
     "adafactor": {"weight_decay": 0.0},
     "shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "soap": {"betas": (0.95, 0.95), "weight_decay": 0.0},
+    "kl_shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
+    "normuon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
 UNTUNED_LR = 3e-3  # for a family no sweep has tuned yet
+# What `--beta2s` sweeps: β2 of the Adam-type families (and of the Kronecker factors' EMA,
+# which follows β2); what `--momenta` sweeps: the momentum of the Muon-type ones.
+BETA2_FAMILIES = ("adamw", "shampoo", "soap", "kl_shampoo")
+MOMENTUM_FAMILIES = ("muon", "normuon")
 
 
-def optimizer_kwargs(name: str, freq: int | None) -> dict[str, Any]:
+def optimizer_kwargs(name: str, freq: int | None, beta2: float | None = None,
+                     momentum: float | None = None) -> dict[str, Any]:
     kwargs = dict(COMMON.get(entry(name).family, {}))
     if freq is not None:
         kwargs["precondition_frequency"] = freq
+    if beta2 is not None:
+        kwargs["betas"] = (kwargs["betas"][0], beta2)
+    if momentum is not None:
+        kwargs["momentum"] = momentum
     return kwargs
 
 
@@ -44,3 +55,11 @@ def default_lr(task: str, name: str) -> float:
 
 def uses_frequency(name: str) -> bool:
     return entry(name).frequency
+
+
+def sweeps_beta2(name: str) -> bool:
+    return entry(name).family in BETA2_FAMILIES
+
+
+def sweeps_momentum(name: str) -> bool:
+    return entry(name).family in MOMENTUM_FAMILIES

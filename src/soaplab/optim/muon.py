@@ -24,7 +24,7 @@ from soaplab.optim.composite import Composite
 from soaplab.roles import STACK
 
 
-def _matrices(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
+def matrices(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
     """2-D views for Muon: one per expert of a stack, (out, in·k...) for a conv kernel."""
     if role == STACK:
         return [(v.view(v.shape[0], -1), e) for e, v in enumerate(p.detach())]
@@ -43,5 +43,5 @@ class MuonAdamW(Composite):
             return torch.optim.Muon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                     adjust_lr_fn=adjust_lr_fn)
 
-        super().__init__("muon", params, muon, _matrices, lr=lr, weight_decay=weight_decay,
+        super().__init__("muon", params, muon, matrices, lr=lr, weight_decay=weight_decay,
                          betas=betas, eps=eps, shards=False)

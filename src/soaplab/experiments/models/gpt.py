@@ -1,5 +1,10 @@
 """A clean nanoGPT: pre-LayerNorm blocks of causal self-attention and a GELU MLP, tied
-embeddings. Sizes range from the tiny CPU default to the ~10M-parameter paper-like model."""
+embeddings. Sizes range from the tiny CPU default to the ~10M-parameter paper-like model.
+
+Dropout (``GPTConfig.dropout``) sits where nanoGPT puts it: on the summed embeddings, the
+attention probabilities, and each residual branch's output (the attention projection's and the
+MLP's). At 0 every dropout is the identity, so results are bitwise those of a model without it.
+"""
 
 from __future__ import annotations
 
@@ -20,8 +25,12 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
     @classmethod
-    def preset(cls, name: str, vocab_size: int) -> GPTConfig:
+    def preset(cls, name: str, vocab_size: int, dropout: float = 0.0) -> GPTConfig:
         """``micro`` (smoke tests), ``tiny`` (CPU default, ~0.8M params), ``small`` (~3M),
         ``paper`` (~10M)."""
         sizes = {"micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32),
@@ -30,7 +39,7 @@ class GPTConfig:
                  "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256)}
         if name not in sizes:
             raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(sizes)}")
-        return cls(vocab_size=vocab_size, **sizes[name])
+        return cls(vocab_size=vocab_size, dropout=dropout, **sizes[name])
 
 
 class CausalSelfAttention(nn.Module):
@@ -39,6 +48,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -46,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -54,9 +64,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
         self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -76,6 +87,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -105,7 +117,7 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if self.cfg.block_size < T:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))
