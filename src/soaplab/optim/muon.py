@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from soaplab.optim._checks import check_kind
+
 HIDDEN = "hidden"
 
 
@@ -108,5 +110,6 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.grad.zero_()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_kind(self, state_dict)
         super().load_state_dict(state_dict)
         self._link()
