@@ -71,6 +71,7 @@ def test_manifest_records_inputs_and_the_resolved_optimizer(cli, tmp_path):
     assert soap["defaults"]["betas"] == [0.95, 0.95] and soap["groups"][0]["params"] > 0
 
 
+@pytest.mark.slow  # a process of its own
 def test_an_edited_text_is_neither_reused_nor_resumed(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 600)
@@ -164,6 +165,7 @@ def test_metrics_reach_the_disk_before_each_checkpoint(tmp_path, monkeypatch):
 
 # 3. One writer ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a process of its own
 def test_a_second_writer_is_refused_and_a_dead_ones_lock_taken_over(copy):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -277,6 +279,7 @@ def test_resume_of_a_missing_or_empty_folder_is_refused(cli, tmp_path):
 
 # 10. Messages ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a process of its own
 def test_analyze_does_not_suggest_resume_and_dot_cannot_be_moved_aside(cli, tmp_path, copy):
     refused(cli("analyze", "whitening", "--out", str(copy)), "is not empty; pass "
             "--overwrite")
@@ -289,6 +292,7 @@ def test_analyze_does_not_suggest_resume_and_dot_cannot_be_moved_aside(cli, tmp_
     assert [p.name for p in work.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow  # a process of its own
 def test_sigterm_exits_143_with_the_resume_hint_and_releases_the_lock(tmp_path):
     out = tmp_path / "run"
     flags = [*LM, "--steps", "1000", "--eval-every", "500", "--checkpoint-every", "5",
@@ -360,3 +364,18 @@ def test_help_shows_the_defaults(capsys):
     for flag in ("examples per step (default 32)", "(default 25)",
                  "linear warm-up steps (default 20)"):
         assert flag in " ".join(text.split()), text
+
+
+# 12. The test command --------------------------------------------------------------------------
+
+def test_readme_and_makefile_install_the_same_extras_and_name_the_quick_subset():
+    import re
+
+    from tests.conftest import SLOW
+
+    readme, makefile = (ROOT / "README.md").read_text(), (ROOT / "Makefile").read_text()
+    assert re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', makefile)[0] == \
+        re.findall(r'pip install -e "\.\[([a-z,]+)\]"', readme)[0] == "data,test,peers"
+    assert "make test-fast" in readme and "\ntest-fast:" in makefile
+    assert '-m "not slow"' in makefile
+    assert all((ROOT / path).exists() for path in SLOW)
