@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from pathlib import Path
 
 NAME = ".lock"
+FRESH = 5.0  # seconds: a lock file this new may not hold its process id yet
 _held: set[Path] = set()
 
 
@@ -33,11 +35,18 @@ def _alive(pid: int) -> bool:
 
 
 def check_free(folder: Path) -> None:
-    """Refuse (ValueError) if another living process holds ``folder``'s lock."""
-    pid = _holder(folder / NAME)
-    if pid is not None and pid != os.getpid() and _alive(pid):
-        raise ValueError(f"{folder} is being written by process {pid} (see {folder / NAME}); "
-                         "wait for it to end, or stop it, then run this again")
+    """Refuse (ValueError) if another living process holds ``folder``'s lock (or is taking
+    it: a lock file made in the last seconds whose process id is not written yet)."""
+    path = folder / NAME
+    pid = _holder(path)
+    try:
+        taking = pid is None and time.time() - path.stat().st_mtime < FRESH
+    except OSError:
+        taking = False
+    if taking or (pid is not None and pid != os.getpid() and _alive(pid)):
+        who = f"process {pid}" if pid is not None else "another process"
+        raise ValueError(f"{folder} is being written by {who} (see {path}); wait for it to "
+                         "end, or stop it, then run this again")
 
 
 def acquire(folder: Path) -> None:
