@@ -3,8 +3,8 @@
 Fixed seeds make every optimizer see the same initial weights and the same batches. The loop
 does linear warm-up then cosine decay, gradient clipping, evaluation at step 0 and every
 ``eval_every`` steps, checkpoints for ``--resume``, a progress bar and one JSON line of
-metrics per step (the files themselves are ``run_folder``'s business). Under torchrun the same loop runs
-data-parallel on the global batch (``soaplab.torchrun``).
+metrics per step (the files themselves are ``run_folder``'s business). Under torchrun the
+same loop runs data-parallel on the global batch (``soaplab.torchrun``).
 """
 
 from __future__ import annotations
