@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup test main lint bench photos
+.PHONY: setup test test-fast main lint bench photos
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -16,6 +16,12 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The quick subset: every test not marked slow (tests/conftest.py marks the ones that start
+# processes, compile or train whole comparisons).
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 # A fresh comparison each time: --overwrite moves an earlier runs/compare-lm aside (to
 # runs/compare-lm.old-<UTC time>) instead of refusing it. Continue a killed run with

@@ -71,9 +71,10 @@ def in_process(out: Path, *flags: str) -> int:
 
 
 def losses(out: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """(step, train_loss, val_loss) of every step of every run."""
+    """(step, train_loss, val_loss) of every training step of every run (after step 0's
+    evaluation)."""
     return {run.name.split("-")[0]: [(r["step"], r["train_loss"], r["val_loss"])
-                                     for r in read_jsonl(run / "metrics.jsonl")]
+                                     for r in read_jsonl(run / "metrics.jsonl") if r["step"]]
             for run in sorted((out / "runs").iterdir())}
 
 

@@ -133,3 +133,27 @@ def test_debian_photos_keep_only_the_listed_photos_of_each_package():
     assert _keep("./usr/share/doc/opencv-doc/examples/data/starry_night.jpg", pattern,
                  names) is None
     assert sum(len(p[2]) for p in PACKAGES.values()) == 46
+
+
+def test_photo_folders_are_checked_after_the_split_bounded_and_deduplicated(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def save(name: str, height: int = 64, width: int = 80) -> None:
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / name)
+
+    for i in range(3):
+        save(f"p{i}.png")
+    with pytest.raises(FileNotFoundError, match="need at least 5 JPEG/PNG photos .* found 3"):
+        photos.PhotoSet.load(tmp_path)  # 2-4 photos left no validation photo
+    save("p3.png")
+    save("p3.jpg")  # the same name twice: one is kept, with a warning
+    save("p4.png")
+    data = photos.PhotoSet.load(tmp_path)
+    assert data.train_names == ["p0", "p1", "p2", "p3"] and data.val_names == ["p4"]
+    assert "p3.jpg and p3.png share the name 'p3'; using p3.jpg" in capsys.readouterr().err
+    save("strip.png", 2, 3000)  # would be resized to 256 x 384000 pixels
+    with pytest.raises(ValueError, match=r"strip.png: 3000x2 pixels; a photo needs a short side"):
+        photos.PhotoSet.load(tmp_path)

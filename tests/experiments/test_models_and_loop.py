@@ -17,9 +17,12 @@ COLOR = TaskOptions(task="colorize", size="micro", batch_size=16)
 
 
 def records(task, cfg, run_dir, resume=False):
-    """Every step's metrics of one run, as written to its metrics.jsonl."""
+    """Every training step's metrics of one run, as written to its metrics.jsonl (after the
+    evaluation at step 0)."""
     train(task, cfg, run_dir, resume=resume)
-    return read_jsonl(run_dir / "metrics.jsonl")
+    step0, *steps = read_jsonl(run_dir / "metrics.jsonl")
+    assert step0["step"] == 0 and set(step0) == {"step", "train_time", "val_loss"}
+    return steps
 
 
 def test_gpt_shapes_and_weight_tying():
@@ -95,7 +98,8 @@ def test_finished_run_is_read_back_on_resume(tmp_path):
     again = train(LM, cfg, tmp_path, resume=True)
     assert again.task is None and again.summary == first.summary
     assert first.summary["state_bytes"] > 0 and first.summary["steps"] == 6
-    assert [p["step"] for p in first.summary["evals"]] == [3, 6]
+    assert [p["step"] for p in first.summary["evals"]] == [0, 3, 6]
+    assert first.summary["evals"][0]["train_loss"] is None
 
 
 def test_summary_matches_the_metrics(tmp_path):
@@ -104,9 +108,9 @@ def test_summary_matches_the_metrics(tmp_path):
     steps = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(p["step"], p["val_loss"]) for p in summary["evals"]] == \
         [(r["step"], r["val_loss"]) for r in steps if "val_loss" in r]
-    assert summary["evals"][0]["train_loss"] == pytest.approx(
-        sum(r["train_loss"] for r in steps[:3]) / 3)
-    assert summary["train_seconds"] == pytest.approx(sum(r["step_time"] for r in steps))
+    assert summary["evals"][1]["train_loss"] == pytest.approx(
+        sum(r["train_loss"] for r in steps[1:4]) / 3)
+    assert summary["train_seconds"] == pytest.approx(sum(r["step_time"] for r in steps[1:]))
 
 
 def test_checkpoint_from_other_settings_is_refused(tmp_path):

@@ -90,7 +90,7 @@ def test_a_run_folder_holds_manifest_config_summary_and_report(lm):
     config = json.loads((lm / "config.json").read_text())["config"]
     assert "optimizer" not in config["train"] and config["optimizers"] == ["adamw"]
     summary = json.loads((lm / "runs" / "adamw-lr0.004-s0" / "summary.json").read_text())
-    assert [p["step"] for p in summary["evals"]] == [2, 4] and summary["steps"] == 4
+    assert [p["step"] for p in summary["evals"]] == [0, 2, 4] and summary["steps"] == 4
     report = (lm / "report.md").read_text()
     assert "1 thread," in report and f"| {summary['evals'][-1]['val_loss']:.4g} |" in report
 
@@ -153,7 +153,7 @@ def test_failed_validation_writes_nothing(lm, copy, tmp_path):
     before = files(out)
     (tmp_path / "empty").mkdir()
     refused(soaplab(*COLORIZE, "--images", str(tmp_path / "empty"), "--overwrite",
-                    "--out", str(out)), "need at least 2 JPEG/PNG photos")
+                    "--out", str(out)), "need at least 5 JPEG/PNG photos")
     refused(soaplab(*LM, "--lrs", "0", "--overwrite", "--out", str(out)),
             "--lrs must be positive and finite")
     assert files(out) == before
@@ -200,7 +200,7 @@ def test_ctrl_c_then_torn_metrics_line_then_resume(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"soaplab: warning: {metrics}: dropped its torn last line" in result.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 1001))
+    assert steps == list(range(0, 1001))
 
 
 class Planted:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 from dataclasses import fields
 
@@ -91,9 +92,28 @@ def command_line(cfg: StudyConfig) -> str:
     return shlex.join(words)
 
 
+def _check(cfg: StudyConfig) -> None:
+    """What ``study.validate`` leaves to the command line, one line naming the flag; the
+    sizes that depend on the data are checked once it loads (``study.run``)."""
+    for flag, value, low in (("--damping", cfg.damping, 0.0), ("--lr", cfg.lr, None),
+                             ("--data-limit", cfg.data_limit, 1),
+                             ("--max-layer-size", cfg.max_layer_size, 1),
+                             ("--hessian-max-size", cfg.hessian_max_size, 0)):
+        if not math.isfinite(value) or (value <= 0 if low is None else value < low):
+            bound = "> 0" if low is None else f">= {low}"
+            raise ValueError(f"{flag} must be finite and {bound}, got {value}")
+    for flag, values in (("--snapshots", cfg.snapshots), ("--batch-sizes", cfg.batch_sizes)):
+        if not values:
+            raise ValueError(f"{flag} is empty; give at least one value or leave the flag out")
+    if cfg.kind == "kronecker" and any(not 1 <= b <= cfg.probe for b in cfg.batch_sizes):
+        raise ValueError(f"--batch-sizes must lie in [1, --probe {cfg.probe}], got "
+                         f"{_csv(cfg.batch_sizes)}")
+
+
 def _handler(kind: str):
     def analyze(args: argparse.Namespace) -> int:
         cfg = _config(kind, args)
+        _check(cfg)
         report = write_report(run(cfg, overwrite=args.overwrite), command_line(cfg))
         print(f"wrote {report}")
         return 0

@@ -184,6 +184,10 @@ def run(cfg: StudyConfig, overwrite: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     split = data.load(cfg.dataset, seed=cfg.seed, limit=cfg.data_limit,
                       data_dir=Path(cfg.data_dir))
+    for flag, value in (("--batch-size", cfg.batch_size), ("--probe", cfg.probe)):
+        if value > len(split.x_train):
+            raise ValueError(f"{flag} {value} is more than the {len(split.x_train)} training "
+                             f"examples of {cfg.dataset}")
     model = mlp(split.x_train.shape[1], cfg.hidden, int(split.y_train.max()) + 1, cfg.activation)
     opt = soaplab.optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr)
     layers = studied_layers(model, cfg.max_layer_size)
@@ -191,7 +195,7 @@ def run(cfg: StudyConfig, overwrite: bool = False) -> Path:
         raise ValueError(f"no weight matrix has at most {cfg.max_layer_size=} entries")
     run_dir = Path(cfg.out)
     prepare(run_dir, manifest("analyze", cfg.kind, settings(cfg)), resume=False,
-            overwrite=overwrite)
+            overwrite=overwrite, resumable=False)
     write_config(run_dir, cfg)
     metrics = run_dir / "metrics.jsonl"
     # separate streams: the analysis must not change which batches the optimizer sees

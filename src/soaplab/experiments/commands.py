@@ -80,11 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "busy shared machine, where threads spin-wait on each other)")
         p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small", "paper"],
                        help="model size (default tiny; micro is for smoke tests)")
-        p.add_argument("--batch-size", type=int, default=32, help="examples per step")
-        p.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
-        p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+        p.add_argument("--batch-size", type=int, default=32,
+                       help="examples per step (default %(default)s)")
+        p.add_argument("--eval-every", type=int, default=25,
+                       help="steps between evaluations, after one at step 0 (default "
+                            "%(default)s)")
+        p.add_argument("--warmup", type=int, default=20,
+                       help="linear warm-up steps (default %(default)s)")
         p.add_argument("--checkpoint-every", type=int, default=0,
-                       help="save a checkpoint every N steps (0: never)")
+                       help="save a checkpoint every N steps (default 0: never)")
         p.add_argument("--resume", action="store_true",
                        help="continue the comparison in --out (its manifest.json must match "
                             "these settings): finished runs are read back, not retrained, and "
@@ -104,8 +108,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run, interrupted=INTERRUPTED)
 
 
+SEEDS = 2**32  # seeds lie in [0, SEEDS): torch seeds its generators with seed and seed + 1
+
+
 def _check(args: argparse.Namespace) -> None:
-    """Every flag argparse cannot check alone, one line naming the flag."""
+    """Every flag argparse cannot check alone, one line naming the flag; nothing is written
+    before these pass."""
+    for name in ("seeds", "lrs", "freqs", "batch_sizes", "lengths"):
+        if getattr(args, name) == []:
+            raise ValueError(f"--{name.replace('_', '-')} is empty; give at least one value "
+                             "or leave the flag out")
     sweeps = (args.batch_sizes or []) + (args.lengths or [])
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--batch-sizes/--lengths", min(sweeps, default=1)),
@@ -129,9 +141,29 @@ def _check(args: argparse.Namespace) -> None:
     if args.against is not None and canonical(args.against) not in args.optimizers:
         raise ValueError(f"--against {args.against} is not among --optimizers "
                          f"({','.join(args.optimizers)}); add it there")
+    if any(not 0 <= s < SEEDS for s in args.seeds):
+        raise ValueError(f"--seeds must lie in [0, 2**32), got {args.seeds}")
+    if getattr(args, "max_chars", None) is not None and args.max_chars < 1:
+        raise ValueError(f"--max-chars must be >= 1, got {args.max_chars}")
+    _check_device(args.device)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite moves it aside; "
                          "pass one of them")
+    if args.resume and not torchrun.restarted() and not (
+            args.out.is_dir() and any(args.out.iterdir())):
+        raise ValueError(f"--resume: {args.out} is missing or empty, so there is nothing to "
+                         "continue; drop --resume to start the comparison there")
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; choose cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: choose cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available on this machine")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,11 +17,12 @@ import torch
 
 from soaplab import torchrun
 from soaplab.experiments import paired, sweeps, tuning
+from soaplab.experiments.inputs import legacy_defaults, resolved_optimizer, run_inputs
 from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
 from soaplab.experiments.report import write_report
 from soaplab.experiments.run_folder import RunFolder
-from soaplab.experiments.tasks import TaskOptions, build_task, spec
-from soaplab.reporting.manifest import manifest, prepare
+from soaplab.experiments.tasks import Task, TaskOptions, build_task, spec
+from soaplab.reporting.manifest import manifest, prepare, read_manifest
 from soaplab.reporting.runs import atomic_write, read_config, write_config
 
 # TrainConfig fields that each run sets for itself (the rest are shared by the comparison).
@@ -48,7 +49,7 @@ class CompareConfig:
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
-        train = run_settings(self.task, self.train)["train"]
+        train = run_settings(self.task, self.train, {})["train"]
         return {"task": asdict(self.task),
                 "train": {k: v for k, v in train.items() if k not in PER_RUN},
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
@@ -75,7 +76,8 @@ class Run:
         momentum = f"-mom{self.momentum:g}" if self.momentum is not None else ""
         batch = f"-b{self.batch_size}" if self.batch_size is not None else ""
         steps = f"-n{self.steps}" if self.steps is not None else ""
-        return (f"{self.optimizer}{freq}-lr{self.lr:g}{beta2}{momentum}{batch}{steps}"
+        lr = f"{self.lr:g}" if float(f"{self.lr:g}") == self.lr else repr(self.lr)  # exact
+        return (f"{self.optimizer}{freq}-lr{lr}{beta2}{momentum}{batch}{steps}"
                 f"-s{self.seed}")
 
     @property
@@ -136,48 +138,75 @@ def compare(cfg: CompareConfig) -> Path:
     """Run every planned run, then write ``report.md`` and the plots into ``cfg.out`` (rank 0
     only, under torchrun: every rank trains, and returns the report's path).
 
-    Nothing is written before the data loads and ``cfg.out`` passes its checks (see
-    ``reporting.manifest.prepare``)."""
+    Nothing is written before the data loads, every run's optimizer is constructed, the
+    ``--reuse`` folders and ``cfg.out`` pass their checks (see ``reporting.manifest.prepare``).
+    """
     spec(cfg.task.task).load(cfg.task)
-    record = manifest("compare", cfg.task.task, cfg.settings())
+    runs = plan_runs(cfg)
+    probe = build_task(replace(cfg.task, batch_size=1), torch.device("cpu"))
+    inputs = {run.label: run_inputs(_task(cfg, run), resolved_optimizer(
+        run.optimizer, probe.model, run.lr, _train(cfg, run).optimizer_kwargs)) for run in runs}
+    settings = {**cfg.settings(), "inputs": {
+        k: v for k, v in inputs[runs[0].label].items() if k != "optimizer"}
+        | {"optimizers": {label: i["optimizer"] for label, i in inputs.items()}}}
+    record = manifest("compare", cfg.task.task, settings)
+    for folder in cfg.reuse:
+        _check_reuse_source(folder, cfg.task.task)
     torchrun.from_main(lambda: prepare(cfg.out, record, resume=cfg.resume,
-                                       overwrite=cfg.overwrite))
+                                       overwrite=cfg.overwrite,
+                                       defaults=legacy_defaults(cfg.out, cfg.task.task)))
     if torchrun.is_main() and not (cfg.out / "config.json").exists():  # kept on --resume
         write_config(cfg.out, {**cfg.settings(), "device": cfg.train.device,
                                "checkpoint_every": cfg.train.checkpoint_every,
                                "out": str(cfg.out)})
-    runs = plan_runs(cfg)
+    environment = torchrun.from_main(lambda: read_config(cfg.out)["environment"])  # where the
+    # comparison began
+    defaults = legacy_defaults(cfg.out, cfg.task.task)
     results: dict[str, RunResult] = {}
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label}", flush=True)
-        reused = torchrun.from_main(lambda run=run: _reuse(cfg, run))
+        reused = torchrun.from_main(lambda run=run: _reuse(cfg, run, inputs[run.label]))
         results[run.label] = train(_task(cfg, run), _train(cfg, run),
-                                   cfg.out / "runs" / run.label, resume=cfg.resume or reused)
+                                   cfg.out / "runs" / run.label, resume=cfg.resume or reused,
+                                   inputs=inputs[run.label], defaults=defaults)
     if not torchrun.is_main():
         return cfg.out / "report.md"
     targets = _adamw_targets(runs, results)
     rows = [summarize(run, results[run.label], targets.get(run.cell)) for run in runs]
-    per_example = _tokens_per_param_per_example(cfg.task)
+    per_example = _tokens_per_param_per_example(probe)
     for row, run in zip(rows, runs, strict=True):
         row["tokens_per_param"] = _train(cfg, run).steps * _task(cfg, run).batch_size * per_example
     sections, figures = sweeps.sections(rows, cfg.out, len(cfg.seeds) > 1,
                                         bool(cfg.batch_sizes), bool(cfg.lengths))
     if cfg.against is not None:
         sections += paired.section(rows, sweeps.summary(rows), cfg.against)
-    environment = read_config(cfg.out)["environment"]  # where the comparison began
     return write_report(cfg.out, cfg.task, rows, results, targets, environment, sections,
-                        figures)
+                        figures, steps=cfg.train.steps, warmup=cfg.train.warmup)
 
 
-def _reuse(cfg: CompareConfig, run: Run) -> bool:
+def _check_reuse_source(folder: Path, task: str) -> None:
+    """A ``--reuse`` folder must be a comparison of ``task``: refused in one line otherwise."""
+    if not folder.is_dir():
+        raise ValueError(f"--reuse {folder}: no such folder")
+    if not (folder / "manifest.json").is_file():
+        raise ValueError(f"--reuse {folder}: it has no manifest.json, so no soaplab compare "
+                         "run made it")
+    old = read_manifest(folder / "manifest.json")
+    if (old["command"], old["task"]) != ("compare", task):
+        raise ValueError(f"--reuse {folder}: it holds a soaplab {old['command']} "
+                         f"{old['task']} run, not compare {task}")
+
+
+def _reuse(cfg: CompareConfig, run: Run, inputs: dict[str, Any]) -> bool:
     """Copy ``run``'s finished folder from a ``--reuse`` folder into ``cfg.out``, if one holds
-    it under exactly this run's settings (checked as ``--resume`` checks them); True if so."""
+    it under exactly this run's settings and inputs (the checks of ``--resume``); True if so."""
     target = cfg.out / "runs" / run.label
     if (target / "summary.json").is_file():
         return False
-    settings = run_settings(_task(cfg, run), _train(cfg, run))
+    settings = run_settings(_task(cfg, run), _train(cfg, run), inputs)
     for folder in cfg.reuse:
-        source = RunFolder(folder / "runs" / run.label, settings)
+        source = RunFolder(folder / "runs" / run.label, settings,
+                           legacy_defaults(folder, cfg.task.task))
         try:
             if source.summary.is_file() and source.read() is not None:
                 target.mkdir(parents=True, exist_ok=True)
@@ -203,10 +232,9 @@ def _train(cfg: CompareConfig, run: Run) -> TrainConfig:
                                                             run.momentum), **length)
 
 
-def _tokens_per_param_per_example(task: TaskOptions) -> float:
+def _tokens_per_param_per_example(probe: Task) -> float:
     """Tokens of one example (characters of a sequence for lm, pixels of a patch for
-    colorize) over the model's parameter count."""
-    probe = build_task(replace(task, batch_size=1), torch.device("cpu"))
+    colorize) of a task built with batch size 1, over the model's parameter count."""
     tokens = probe.sample(torch.Generator().manual_seed(0))[0].numel()
     return tokens / sum(p.numel() for p in probe.model.parameters())
 

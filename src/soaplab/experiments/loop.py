@@ -1,10 +1,10 @@
 """THE training loop, shared by both tasks and every optimizer.
 
 Fixed seeds make every optimizer see the same initial weights and the same batches. The loop
-does linear warm-up then cosine decay, gradient clipping, evaluation every ``eval_every``
-steps, checkpoints for ``--resume``, a progress bar and one JSON line of metrics per step
-(the files themselves are ``run_folder``'s business). Under torchrun the same loop runs
-data-parallel on the global batch (``soaplab.torchrun``).
+does linear warm-up then cosine decay, gradient clipping, evaluation at step 0 and every
+``eval_every`` steps, checkpoints for ``--resume``, a progress bar and one JSON line of
+metrics per step (the files themselves are ``run_folder``'s business). Under torchrun the
+same loop runs data-parallel on the global batch (``soaplab.torchrun``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import soaplab
 from soaplab import torchrun
+from soaplab.experiments.inputs import describe, run_inputs
 from soaplab.experiments.run_folder import RunFolder
 from soaplab.experiments.tasks import Task, TaskOptions, build_task
 from soaplab.optim.state import state_bytes
@@ -81,16 +82,21 @@ def peak_memory_mb(device: torch.device) -> float:
 RUNTIME = ("device", "checkpoint_every", "stop_at", "progress")
 
 
-def run_settings(task_opts: TaskOptions, cfg: TrainConfig) -> dict[str, Any]:
-    """What defines one run (as JSON reads it back): its checkpoints and summary carry it."""
+def run_settings(task_opts: TaskOptions, cfg: TrainConfig, inputs: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """What defines one run (as JSON reads it back): its checkpoints and summary carry it.
+    ``inputs``: ``experiments.inputs.run_inputs``."""
     train = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME}
-    return json.loads(json.dumps({"task": asdict(task_opts), "train": train}))
+    return json.loads(json.dumps({"task": asdict(task_opts), "train": train, "inputs": inputs}))
 
 
-def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
-          resume: bool = False) -> RunResult:
+def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path, resume: bool = False,
+          inputs: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+          ) -> RunResult:
     """Train one model with one optimizer; metrics go to ``run_dir/metrics.jsonl`` and the
-    finished run's summary to ``run_dir/summary.json`` (see ``run_folder``).
+    finished run's summary to ``run_dir/summary.json`` (see ``run_folder``). ``inputs``: the
+    run's inputs (``experiments.inputs``; None: found here); ``defaults``: what fields an
+    older folder lacks count as.
 
     Under torchrun (see ``soaplab.torchrun``) every rank calls this with the same arguments:
     each trains on its slice of the global batch, and only rank 0 writes files.
@@ -98,25 +104,28 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
-    folder = RunFolder(run_dir, run_settings(task_opts, cfg))
+    torch.manual_seed(cfg.seed)
+    task = build_task(task_opts, device)
+    opt = soaplab.optimizer(cfg.optimizer, task.model, process_group=torchrun.group(),
+                            lr=cfg.lr, **cfg.optimizer_kwargs)
+    inputs = run_inputs(task_opts, describe(opt)) if inputs is None else inputs
+    folder = RunFolder(run_dir, run_settings(task_opts, cfg, inputs), defaults)
     saved = torchrun.from_main(folder.read) if resume else None
     if saved is not None and saved.summary is not None:  # finished: e.g. runs made in parallel
         return RunResult(saved.summary, None)
-    torch.manual_seed(cfg.seed)
-    task = build_task(task_opts, device)
     model = torchrun.wrap(task.model)
-    opt = soaplab.optimizer(cfg.optimizer, task.model, process_group=torchrun.group(),
-                            lr=cfg.lr, **cfg.optimizer_kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     main = torchrun.is_main()
-    start, train_time, records = 0, 0.0, []
     if saved is not None:
         start, train_time = _restore(folder.checkpoint, saved.checkpoint, task, opt, sched, gen)
         records = saved.records
+    else:  # the untrained model's loss: where every curve starts (it draws no random numbers)
+        start, train_time = 0, 0.0
+        records = [{"step": 0, "train_time": 0.0, "val_loss": _evaluate(task, cfg, device)}]
     if main:
-        folder.start({"task": asdict(task_opts), "train": asdict(cfg)}, records,
-                     fresh=saved is None)
+        folder.start({"task": asdict(task_opts), "train": asdict(cfg), "inputs": inputs},
+                     records, fresh=saved is None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name,
                disable=not (cfg.progress and main), leave=False)
@@ -127,10 +136,7 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
         train_time += record["step_time"]
         record.update(step=step + 1, train_time=train_time, lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            task.model.eval()  # every rank, on its replica: they are identical
-            with autocast(cfg, device):
-                record["val_loss"] = task.evaluate(task.model)
-            task.model.train()
+            record["val_loss"] = _evaluate(task, cfg, device)
             bar.set_postfix_str(f"val={record['val_loss']:.3f} at step {step + 1}",
                                 refresh=False)
             if hasattr(opt, "refresh_stats"):  # SOAP's basis drift and refresh counts
@@ -147,7 +153,7 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             state = _checkpoint(task, opt, sched, gen, step + 1, train_time)
             if main:
-                folder.save_checkpoint(state)
+                folder.save_checkpoint(state, records)
     bar.close()
     # Under torchrun: the largest rank's state (a split optimizer holds a share on each rank),
     # and rank 0's records (timings differ between ranks; losses do not).
@@ -159,15 +165,25 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path,
     return RunResult(summary, task)
 
 
-def eval_points(records: list[dict[str, Any]]) -> list[dict[str, float]]:
+def _evaluate(task: Task, cfg: TrainConfig, device: torch.device) -> float:
+    task.model.eval()  # every rank, on its replica: they are identical
+    with autocast(cfg, device):
+        loss = task.evaluate(task.model)
+    task.model.train()
+    return loss
+
+
+def eval_points(records: list[dict[str, Any]]) -> list[dict[str, float | None]]:
     """The evaluation steps (step, training seconds, validation loss), each with the mean
-    training loss of the steps since the previous evaluation (one noisy batch says little)."""
+    training loss of the steps since the previous evaluation (one noisy batch says little;
+    None at step 0, before any)."""
     points, window = [], []
     for r in records:
-        window.append(r["train_loss"])
+        if "train_loss" in r:
+            window.append(r["train_loss"])
         if "val_loss" in r:
-            point = {"step": r["step"], "train_time": r["train_time"],
-                     "val_loss": r["val_loss"], "train_loss": sum(window) / len(window)}
+            point = {"step": r["step"], "train_time": r["train_time"], "val_loss": r["val_loss"],
+                     "train_loss": sum(window) / len(window) if window else None}
             drift = _drift(r.get("refresh_stats"))
             if drift:
                 point["drift"] = drift
@@ -187,17 +203,18 @@ def _drift(stats: dict[str, Any] | None) -> dict[str, float]:
 def summarize_records(records: list[dict[str, Any]], state_size: int,
                       diverged: bool) -> dict[str, Any]:
     """A run's ``summary.json``: what its report row and curves are made of."""
-    total = sum(r["step_time"] for r in records)
-    tail = records[-max(1, len(records) // 10):]  # the last 10% of steps smooth out batch noise
+    steps = [r for r in records if "train_loss" in r]  # not the evaluation at step 0
+    total = sum(r["step_time"] for r in steps)
+    tail = steps[-max(1, len(steps) // 10):]  # the last 10% of steps smooth out batch noise
     stats = next((r["refresh_stats"] for r in reversed(records) if "refresh_stats" in r), None)
     refreshes = {} if stats is None else {"refreshes": {k: stats[k] for k in ("refreshes",
                                                                                "skipped")}}
     return {**refreshes, "steps": records[-1]["step"] if records else 0, "diverged": diverged,
-            "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail) if records
+            "final_train_loss": sum(r["train_loss"] for r in tail) / len(tail) if steps
             else None,
             "train_seconds": total,
-            "optimizer_seconds": sum(r["optimizer_time"] for r in records),
-            "peak_memory_mb": max((r["peak_memory_mb"] for r in records), default=None),
+            "optimizer_seconds": sum(r["optimizer_time"] for r in steps),
+            "peak_memory_mb": max((r["peak_memory_mb"] for r in steps), default=None),
             "state_bytes": state_size, "evals": eval_points(records)}
 
 

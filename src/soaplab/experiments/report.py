@@ -12,6 +12,7 @@ import torch
 from soaplab.experiments.data.photos import lab_to_rgb
 from soaplab.experiments.loop import RunResult
 from soaplab.experiments.tasks import TaskOptions, spec
+from soaplab.experiments.tuning import default_lr
 from soaplab.reporting import plots
 from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
@@ -37,26 +38,73 @@ def _curves(rows: list[dict[str, Any]], x: str, y: str = "val_loss"
             chosen[curve] = (score, seeds)
     curves = {}
     for curve, (_, seeds) in chosen.items():
-        n = min(len(s) for s in seeds)
-        curves[curve] = ([sum(s[i][x] for s in seeds) / len(seeds) for i in range(n)],
-                         [sum(s[i][y] for s in seeds) / len(seeds) for i in range(n)])
+        # the steps every seed evaluated with a value (a run made before step-0 evaluations
+        # has none at step 0; the mean training loss has none there)
+        points = [{p["step"]: p for p in s if p.get(y) is not None} for s in seeds]
+        steps = sorted(set.intersection(*(set(p) for p in points)))
+        curves[curve] = ([sum(p[t][x] for p in points) / len(points) for t in steps],
+                         [sum(p[t][y] for p in points) / len(points) for t in steps])
     return curves
 
 
 def _drift_curves(rows: list[dict[str, Any]]
                   ) -> tuple[str, dict[str, tuple[list[float], list[float]]]] | None:
-    """Drift against step of every factored parameter axis, for the first run recording it
-    (SOAP's ``refresh_stats``, kept at each evaluation point)."""
+    """The smallest, median and largest drift over the factored parameter axes against step,
+    for the first run recording it (SOAP's ``refresh_stats``, kept at each evaluation point):
+    three labelled lines instead of one unlabelled line per axis."""
     for row in rows:
-        series: dict[str, tuple[list[float], list[float]]] = {}
-        for point in row["evals"]:
-            for key, value in point.get("drift", {}).items():
-                xs, ys = series.setdefault(key, ([], []))
-                xs.append(point["step"])
-                ys.append(value)
-        if series:
-            return row["run"], series
+        points = [p for p in row["evals"] if p.get("drift")]
+        if points:
+            steps = [p["step"] for p in points]
+            values = [sorted(p["drift"].values()) for p in points]
+            n = len(points[-1]["drift"])
+            return row["run"], {
+                f"largest of {n} factors": (steps, [v[-1] for v in values]),
+                "median": (steps, [v[(len(v) - 1) // 2] for v in values]),
+                "smallest": (steps, [v[0] for v in values])}
     return None
+
+
+GLOSSARY = {
+    "final_train_loss": "mean training loss over the last 10% of steps",
+    "final_val_loss": "validation loss at the last step",
+    "steps_to_target": "first evaluated step at or below the target (above)",
+    "seconds_to_target": "training seconds to that step",
+    "train_seconds": "training time of the whole run, evaluations excluded",
+    "optimizer_share": "fraction of training time spent in optimizer.step()",
+    "state_mb": "memory of the optimizer's state (MiB)",
+    "diverged": "the training loss became NaN or infinite (the run stopped there)",
+}
+
+
+def _glossary(columns: list[str]) -> list[str]:
+    return ["Columns: " + "; ".join(f"`{c}`: {GLOSSARY[c]}" for c in columns
+                                    if c in GLOSSARY) + ".", ""]
+
+
+TUNED_SIZE, TUNED_BATCH = "tiny", 32  # what the tuned lrs were measured at (tuning.py)
+
+
+def _caveat(task: TaskOptions, rows: list[dict[str, Any]], steps: int, warmup: int
+            ) -> list[str]:
+    """A warning where the tuned lrs are used far from the budget they were tuned at: steps
+    outside 0.5-2x the task's default, or another model size or batch size."""
+    if not any(r["lr"] == default_lr(task.task, r["optimizer"]) for r in rows):
+        return []
+    tuned = spec(task.task).steps
+    budgets = sorted({r["steps"] or steps for r in rows})
+    batches = sorted({r["batch_size"] or task.batch_size for r in rows})
+    far = [f"{'/'.join(map(str, budgets))} steps" if any(
+               not 0.5 * tuned <= b <= 2 * tuned for b in budgets) else "",
+           f"size {task.size}" if task.size != TUNED_SIZE else "",
+           f"batch {'/'.join(map(str, batches))}" if batches != [TUNED_BATCH] else ""]
+    far = [f for f in far if f]
+    if not far:
+        return []
+    return [f"**Caveat:** the default lrs were tuned for {task.task} at size {TUNED_SIZE}, "
+            f"batch {TUNED_BATCH}, {tuned} steps; this comparison uses {', '.join(far)}, with "
+            f"{warmup} warm-up steps. Its ranking of the optimizers may not hold at the tuned "
+            "budget.", ""]
 
 
 def _target_text(rows: list[dict[str, Any]], targets: dict[tuple, float]) -> str:
@@ -91,8 +139,9 @@ def _baseline(opts: TaskOptions, rows: list[dict[str, Any]]
 def write_report(out: Path, task: TaskOptions, rows: list[dict[str, Any]],
                  results: dict[str, RunResult], targets: dict[tuple, float],
                  env: dict[str, Any], sections: list[str] = (),
-                 extra_figures: list[Path] = ()) -> Path:
+                 extra_figures: list[Path] = (), steps: int = 0, warmup: int = 0) -> Path:
     """``task`` is the comparison's task options; ``rows`` come from ``compare.summarize``;
+    ``steps`` and ``warmup`` are the comparison's (for the caveat on the tuned lrs);
     ``results`` give the trained models (None for runs read back from their summaries) for the
     colorization strip; ``targets`` are AdamW's per cell (batch size, length, seed); ``env``
     is the machine the comparison ran on (``reporting.runs.environment``); ``sections`` and
@@ -116,14 +165,15 @@ def write_report(out: Path, task: TaskOptions, rows: list[dict[str, Any]],
     drift = _drift_curves(rows)
     if drift is not None:
         figures.append(plots.line_plot(drift[1], out / "drift.png", xlabel="step",
-                                       ylabel="basis drift ‖QᵀLQ − diag‖ / ‖L‖", legend=False,
-                                       title=f"{drift[0]}: drift of each factor's basis"))
+                                       ylabel="basis drift ‖QᵀLQ − diag‖ / ‖L‖",
+                                       title=f"{drift[0]}: drift of the factors' bases"))
     examples = _colorization_strip(out, results, rows)
     if examples is None and (out / "colorization.png").is_file():
         examples = out / "colorization.png"  # every run read back: the strip drawn with them
     if examples is not None:
         figures.append(examples)
     threads = f"{env['threads']} thread" + ("s" if env["threads"] != 1 else "")
+    columns = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     lines = [f"# soaplab compare {name}", "",
              f"Machine: {env['machine']}, {threads}, torch {env['torch']}"
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
@@ -133,9 +183,8 @@ def write_report(out: Path, task: TaskOptions, rows: list[dict[str, Any]],
              "its lrs, for each seed, batch size and length)" + _target_text(rows, targets)
              + "; steps/seconds to target are the first evaluation at or below it "
              "(training time only, evaluations excluded).", "",
-             markdown_table(rows + baseline_rows,
-                            [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]),
-             "", *baseline_lines, *sections]
+             markdown_table(rows + baseline_rows, columns), "", *_glossary(columns),
+             *_caveat(task, rows, steps, warmup), *baseline_lines, *sections]
     lines += [f"![{f.stem}]({f.name})" for f in figures]
     return atomic_write(out / "report.md", "\n".join(lines) + "\n")
 

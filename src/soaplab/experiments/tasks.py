@@ -82,6 +82,17 @@ def _load_corpus(opts: TaskOptions) -> shakespeare.CharCorpus:
     return _CORPORA[key]
 
 
+def _check_corpus(opts: TaskOptions) -> shakespeare.CharCorpus:
+    """The corpus, refused in one line when a split is shorter than the model's context."""
+    corpus = _load_corpus(opts)
+    block = GPTConfig.preset(opts.size, corpus.vocab_size).block_size
+    if min(len(corpus.train), len(corpus.val)) < block + 2:
+        raise ValueError(f"--text/--max-chars: the validation split (the last 10%) has "
+                         f"{len(corpus.val)} characters, too few for the {opts.size} model's "
+                         f"context of {block}; give a longer text")
+    return corpus
+
+
 _PHOTOS: dict[str | None, photos.PhotoSet] = {}
 PATCH = 32  # training crops are PATCH x PATCH pixels
 
@@ -158,7 +169,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "lm": TaskSpec(
         "character-level Shakespeare with a nanoGPT", "cross-entropy (nats/char)",
-        _language_model, _load_corpus,
+        _language_model, _check_corpus,
         {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 5e-3, "muon": 5e-3,
          # provisional, not yet gridded on tiny: on the micro GPT's grid (docs/optimizers.md)
          # normuon's best lr equals muon's, and kl_shampoo's is 2x soap's

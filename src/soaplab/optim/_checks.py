@@ -74,3 +74,58 @@ def resolve_batched(batched: bool | None, foreach: bool | None) -> bool:
                          "torch's name for batched, pass one of them")
     chosen = batched if batched is not None else foreach
     return True if chosen is None else bool(chosen)
+
+
+def _optional_int(minimum: int):
+    def check(name: str, value: Any) -> None:
+        if value is not None:
+            check_int(name, value, minimum)
+    return check
+
+
+def _shampoo_beta(name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value < 0):
+        check_beta(name, value)  # negative: follow betas[1]
+
+
+# The constructors' checks of the hyperparameters a param group holds, for values set on a
+# group after construction (schedulers, users): step() runs them on every group.
+GROUP_CHECKS = {
+    "lr": lambda name, value: check_lr(value),
+    "betas": lambda name, value: check_betas(value),
+    "shampoo_beta": _shampoo_beta,
+    "eps": check_nonnegative,
+    "graft_eps": check_nonnegative,
+    "weight_decay": check_nonnegative,
+    "precondition_frequency": lambda name, value: check_int(name, value, 1),
+    "start_preconditioning_step": _optional_int(1),
+    "max_precond_dim": lambda name, value: check_int(name, value, 0),
+    "exponent": check_positive,
+}
+
+
+def check_group(owner: str, index: int, group: dict[str, Any]) -> None:
+    """One ValueError naming the optimizer, the group and the value, before a step uses it."""
+    for key, check in GROUP_CHECKS.items():
+        if key in group:
+            try:
+                check(key, group[key])
+            except ValueError as err:
+                raise ValueError(f"{owner}: param_groups[{index}]: {err}") from None
+
+
+def check_kind(owner: torch.optim.Optimizer, state_dict: Any) -> None:
+    """Refuse, in one ValueError, the state dict of another kind of optimizer: its param
+    groups hold hyperparameters this optimizer's groups do not (a group missing some of this
+    optimizer's keys is an older soaplab's, which loading fills in)."""
+    saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(saved, list):
+        return  # torch's own checks name what is wrong
+    for index, (old, new) in enumerate(zip(saved, owner.param_groups, strict=False)):
+        extra = sorted(set(old) - set(new) - {"params", "param_names"}) \
+            if isinstance(old, dict) else []
+        if extra:
+            name = type(owner).__name__
+            raise ValueError(f"{name}.load_state_dict: param_groups[{index}] holds "
+                             f"{', '.join(extra)}, which {name} does not have: the state dict "
+                             "is another optimizer's; load it into the kind that saved it")

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from soaplab.optim import storage
-from soaplab.optim._checks import check_choice, check_torch_flags, resolve_batched
+from soaplab.optim._checks import (
+    check_choice,
+    check_group,
+    check_kind,
+    check_torch_flags,
+    resolve_batched,
+)
 from soaplab.optim.distributed.checkpoint import export, state_to_load
 from soaplab.optim.distributed.ddp import OwnerSplit
 from soaplab.optim.distributed.fsdp import ShardedSplit
@@ -273,7 +279,8 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: non-finite or overflowing gradient, step "
                           f"skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
             return loss
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            check_group(type(self).__name__, index, group)
             targets = self._targets(group)
             for bucket in self._buckets(group, targets):
                 self._step_bucket(bucket, group)
@@ -403,6 +410,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
+        check_kind(self, state_dict)
         groups, state = state_to_load(self, state_dict)
         self.__setstate__({"state": state, "param_groups": groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():

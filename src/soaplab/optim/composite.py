@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from soaplab.optim._checks import check_kind
 from soaplab.roles import MATRIX_ROLES, STACK, role_groups
 
 # (groups) -> the matrix half over them.
@@ -133,6 +134,7 @@ class Composite(torch.optim.Optimizer):
                     p.grad.zero_()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_kind(self, state_dict)
         super().load_state_dict(state_dict)
         self._link()
 

@@ -71,9 +71,58 @@ def write_config(run_dir: Path, config: Any) -> Path:
     return write_json(run_dir / "config.json", {"config": data, "environment": environment()})
 
 
+ENVIRONMENT = {"threads": int, "machine": str, "torch": str, "cuda": (str, type(None)),
+               "world_size?": int}
+
+
 def read_config(run_dir: Path) -> dict[str, Any]:
-    """``run_dir/config.json``: {"config": ..., "environment": ...}."""
-    return json.loads((Path(run_dir) / "config.json").read_text())
+    """``run_dir/config.json``: {"config": ..., "environment": ...}, checked."""
+    path = Path(run_dir) / "config.json"
+    config = check(path, read_json(path), {"config": dict, "environment": dict})
+    check(path, config["environment"], ENVIRONMENT, "environment")
+    return config
+
+
+Schema = dict[str, Any]  # key ('?' at its end: optional) -> a type or a tuple of types
+NUMBER = (int, float)
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text; a file of other bytes is one line naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); repair or delete "
+                         "it") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's contents; a damaged one is one line naming it."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is damaged ({err.msg}); repair or delete it") from None
+
+
+def check(path: Path, data: Any, schema: Schema, where: str = "") -> Any:
+    """``data`` if it is a JSON object with the keys and value types of ``schema``, else a
+    ValueError naming ``path`` (and ``where`` in it) and what is wrong."""
+    at = f"{path}" + (f" ({where})" if where else "")
+    if not isinstance(data, dict):
+        raise ValueError(f"{at}: expected a JSON object, found {json.dumps(data)[:40]}")
+    for key, kind in schema.items():
+        name = key.rstrip("?")
+        if name not in data:
+            if key.endswith("?"):
+                continue
+            raise ValueError(f"{at}: {name!r} is missing")
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        value = data[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{at}: {name!r} should be {expected}, found "
+                             f"{json.dumps(value, default=str)[:40]}")
+    return data
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -82,24 +131,34 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=float) + "\n")
 
 
+def sync(path: Path) -> None:
+    """Flush ``path``'s appended lines to disk (before a checkpoint that counts on them)."""
+    with Path(path).open("ab") as f:
+        os.fsync(f.fileno())
+
+
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write(path, "".join(json.dumps(r, default=float) + "\n" for r in records))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of ``path``. A torn last line (what a kill mid-write leaves) is dropped with
-    a warning; a bad line anywhere else is an error naming the file and line."""
-    lines = Path(path).read_text().splitlines()
+def read_jsonl(path: Path, schema: Schema | None = None) -> list[dict[str, Any]]:
+    """The records of ``path`` (each checked against ``schema``). A torn last line (what a kill
+    mid-write leaves) is dropped with a warning; a bad line anywhere else is an error naming
+    the file and line."""
+    lines = read_text(path).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if number < len(lines):
                 raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg}); "
                                  "repair or delete that file") from None
             print(f"soaplab: warning: {path}: dropped its torn last line {number} (a run "
                   "killed mid-write leaves one)", file=sys.stderr)
+            continue
+        records.append(record if schema is None else check(path, record, schema,
+                                                           f"line {number}"))
     return records

@@ -9,6 +9,8 @@ random from the other photos, each kept at several scales, and flipped at random
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,9 @@ INSTALL_HINT = "pip install scikit-image scikit-learn matplotlib (or pip install
 VALIDATION = ("chelsea", "flower", "grace_hopper")
 SCALES = (96, 160, 256)  # short sides a training photo is kept at: whole scenes to textures
 VAL_SIZE = 96  # held-out photos: centre squares at this size, as whole as the smallest scale
+MIN_SIDE = 32  # a photo's short side in pixels: a training crop (tasks.PATCH) must fit
+MAX_ASPECT = 4  # long side over short side: a strip would be resized to a huge image
+BUNDLED = "scikit-image, scikit-learn and matplotlib sample photos"  # the default set's name
 
 
 def _bundled() -> dict[str, np.ndarray]:
@@ -49,38 +54,58 @@ def _read(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
+            short, long = sorted(image.size)
+            if short < MIN_SIDE or long > MAX_ASPECT * short:
+                raise ValueError(f"{image.size[0]}x{image.size[1]} pixels; a photo needs a "
+                                 f"short side of at least {MIN_SIDE} and at most "
+                                 f"{MAX_ASPECT}:1 sides")
             image.draft("RGB", (2 * SCALES[-1], 2 * SCALES[-1]))
             return np.asarray(image.convert("RGB"))
     except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable file
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def _folder(path: Path) -> dict[str, np.ndarray]:
+def _files(path: Path) -> list[Path]:
+    """The folder's JPEG/PNG files, one per name: of ``a.jpg`` and ``a.png`` the first by
+    file name is kept, with a warning (photos are known by name)."""
     if not path.is_dir():
         raise FileNotFoundError(f"--images {path}: no such folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if len(files) < 2:
-        raise FileNotFoundError(f"--images {path}: need at least 2 JPEG/PNG photos, found "
-                                f"{len(files)}")
-    return {f.stem: _read(f) for f in files}
+    files: dict[str, Path] = {}
+    for f in sorted(p for p in path.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")):
+        if f.stem in files:
+            print(f"soaplab: warning: --images {path}: {files[f.stem].name} and {f.name} share "
+                  f"the name {f.stem!r}; using {files[f.stem].name}", file=sys.stderr)
+            continue
+        files[f.stem] = f
+    return list(files.values())
 
 
-def _source(images: str | None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """The photos of ``--images`` and the names held out for validation: the bundled set's
-    three, else every fifth photo by name (the Debian set's names start with their package,
-    so each package gives some)."""
+def fingerprint(files: list[Path]) -> str:
+    """SHA-256 of the photos' names and bytes: a run folder's record of its data."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def _source(images: str | None) -> tuple[dict[str, np.ndarray], list[str], str]:
+    """The photos of ``--images``, the names held out for validation (the bundled set's three,
+    else every fifth photo by name: the Debian set's names start with their package, so each
+    package gives some) and the data's fingerprint. Both parts must hold a photo."""
     if images is None:
         photos = _bundled()
-        return photos, [n for n in sorted(photos) if n in VALIDATION]
+        return photos, [n for n in sorted(photos) if n in VALIDATION], BUNDLED
     if images == "debian":
         from soaplab.experiments.data.debian_photos import FOLDER, MAKE_HINT
 
         if not FOLDER.is_dir():
             raise FileNotFoundError(f"--images debian: no photos in {FOLDER}; {MAKE_HINT}")
-        photos = _folder(FOLDER)
-    else:
-        photos = _folder(Path(images))
-    return photos, sorted(photos)[4::5]
+    files = _files(FOLDER if images == "debian" else Path(images))
+    if len(files) < 5:
+        raise FileNotFoundError(f"--images {images}: need at least 5 JPEG/PNG photos (every "
+                                f"fifth is held out for validation), found {len(files)}")
+    photos = {f.stem: _read(f) for f in files}
+    return photos, sorted(photos)[4::5], fingerprint(files)
 
 
 def to_lab(rgb: np.ndarray) -> torch.Tensor:
@@ -112,15 +137,16 @@ class PhotoSet:
     val: torch.Tensor
     train_names: list[str]
     val_names: list[str]
+    source: str = BUNDLED  # the fingerprint of the data (see fingerprint)
 
     @classmethod
     def load(cls, images: str | Path | None = None) -> PhotoSet:
-        photos, val_names = _source(None if images is None else str(images))
+        photos, val_names, source = _source(None if images is None else str(images))
         train_names = [n for n in sorted(photos) if n not in val_names]
         train = [_at(photos[n], side) for n in train_names for side in SCALES]
         val = torch.stack([_at(_square(photos[n]), VAL_SIZE)[:, :VAL_SIZE, :VAL_SIZE]
                            for n in val_names])
-        return cls(train, val, train_names, val_names)
+        return cls(train, val, train_names, val_names, source)
 
     def crops(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` random ``size``-square crops (N, 3, size, size): each from a random photo and
