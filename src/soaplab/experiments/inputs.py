@@ -71,6 +71,7 @@ def legacy_defaults(root: Path, task: str) -> dict[str, Any]:
     """What a field missing from the files of comparison folder ``root`` counts as (see the
     module's docstring). Keys are dotted paths, matched at the end of a flattened key."""
     defaults: dict[str, Any] = {"precision": "fp32", "batch_sizes": None, "lengths": None,
+                                "task.dropout": 0.0,
                                 "inputs.results_version": 1, "inputs.data": BUNDLED.get(task),
                                 "inputs.optimizer": SAME, "inputs.optimizers": SAME}
     for name, key, field in (("config.json", "inputs.threads", ("environment", "threads")),
