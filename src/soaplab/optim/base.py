@@ -37,7 +37,7 @@ from soaplab.optim.kronecker import (
     to_plan_shape,
     update_factors,
 )
-from soaplab.optim.matrix_functions import MatrixFunctionError
+from soaplab.optim.matrix_functions import MatrixFunctionError, eigenbasis
 from soaplab.optim.state import state_bytes, state_dtype
 from soaplab.roles import decay_groups
 
@@ -394,6 +394,15 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             buckets.append(Bucket(list(tensors), [self.state[p] for p in params], plans[0],
                                   stacked, group))
         return buckets
+
+    def _first_basis(self, factors: Tensor, axis: int, dtype: torch.dtype) -> Tensor:
+        """The eigenbasis of a first factor; the identity (with a warning) where eigh fails."""
+        try:
+            return eigenbasis(factors)
+        except MatrixFunctionError as err:
+            self._matrix_failed(err, f"initial eigh of axis {axis}")
+            return torch.eye(factors.shape[-1], dtype=dtype, device=factors.device).expand_as(
+                factors)
 
     def _matrix_failed(self, err: MatrixFunctionError, what: str) -> None:
         self.matrix_failures += 1

@@ -57,7 +57,7 @@ from soaplab.optim._checks import (
 )
 from soaplab.optim.base import Bucket, KroneckerOptimizer, factor_beta
 from soaplab.optim.kronecker import gram, gram_diagonals, project, project_back
-from soaplab.optim.matrix_functions import MatrixFunctionError, eigenbasis, power_qr_step
+from soaplab.optim.matrix_functions import MatrixFunctionError, power_qr_step
 from soaplab.optim.state import resolve_matrix_dtype
 
 __all__ = ["KLShampoo"]
@@ -145,14 +145,8 @@ class KLShampoo(KroneckerOptimizer):
         share = (1 - factor_beta(group)) / G[0].numel()
         for axis in plan.axes:
             factor = gram(G, axis) * (share * plan.shape[axis])
-            try:
-                basis = eigenbasis(factor)
-            except MatrixFunctionError as err:
-                self._matrix_failed(err, f"initial eigh of axis {axis}")
-                basis = torch.eye(factor.shape[-1], dtype=G.dtype, device=G.device).expand_as(
-                    factor)
             bucket.store(f"factor_{axis}", factor)
-            bucket.store(f"basis_{axis}", basis)
+            bucket.store(f"basis_{axis}", self._first_basis(factor, axis, G.dtype))
 
     def _refresh(self, bucket: Bucket, bases: dict[int, Tensor]) -> None:
         """One power step + QR per factor; the eigenvalues follow their sorted columns."""

@@ -43,7 +43,6 @@ from soaplab.optim.matrix_functions import (
     MatrixFunctionError,
     bjorck,
     drift_from_diagonal,
-    eigenbasis,
     eigh_step,
     power_qr_step,
     rayleigh,
@@ -211,14 +210,8 @@ class SOAP(KroneckerOptimizer):
         self._zero_state(bucket, group)
         bucket.update_factors(group)
         for axis in plan.axes:
-            factors = bucket.stack(f"factor_{axis}")
-            try:
-                basis = eigenbasis(factors)
-            except MatrixFunctionError as err:
-                self._matrix_failed(err, f"initial eigh of axis {axis}")
-                basis = torch.eye(factors.shape[-1], dtype=G.dtype, device=G.device).expand_as(
-                    factors)
-            bucket.store(f"basis_{axis}", basis)
+            bucket.store(f"basis_{axis}",
+                         self._first_basis(bucket.stack(f"factor_{axis}"), axis, G.dtype))
 
     def _refresh(self, bucket: Bucket, group: dict[str, Any]) -> None:
         """New bases for the factors that drifted (all of them on the fixed schedule); v follows
