@@ -91,17 +91,19 @@ def _kronecker(build: Callable[..., torch.optim.Optimizer], family: str, **prese
 # SOAP's and Muon's (match_rms_adamw) the reference's 3e-3, and Adafactor's 1e-1, its tuned lm
 # lr: torch's Adafactor lr is a step relative to each parameter's RMS, so an AdamW-sized lr
 # barely moves a model initialized at std 0.02. The experiments always pass the lr tuned per
-# task (experiments/tasks.py).
-_DEFAULT_LRS = {"adamw": 1e-3, "adafactor": 1e-1, "muon": 3e-3, "shampoo": 1e-3, "soap": 3e-3}
+# task (experiments/tasks.py). NorMuon takes Muon's (the same step RMS); KL-Shampoo twice SOAP's,
+# as on the micro GPT's lr grid (docs/optimizers.md).
+_DEFAULT_LRS = {"adamw": 1e-3, "adafactor": 1e-1, "muon": 3e-3, "shampoo": 1e-3, "soap": 3e-3,
+                "normuon": 3e-3, "kl_shampoo": 6e-3}
 
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(torch.optim.AdamW, "adamw", _DEFAULT_LRS["adamw"]),
     "adafactor": Entry(torch.optim.Adafactor, "adafactor", _DEFAULT_LRS["adafactor"]),
     "muon": Entry(_muon, "muon", _DEFAULT_LRS["muon"], takes_model=True),
-    "normuon": Entry(_normuon, "normuon", takes_model=True),
+    "normuon": Entry(_normuon, "normuon", _DEFAULT_LRS["normuon"], takes_model=True),
     "shampoo": _kronecker(_shampoo, "shampoo"),
     "shampoo_half": _kronecker(_shampoo, "shampoo", exponent=0.5),
-    "kl_shampoo": Entry(_kl_shampoo, "kl_shampoo", frequency=True),
+    "kl_shampoo": Entry(_kl_shampoo, "kl_shampoo", _DEFAULT_LRS["kl_shampoo"], frequency=True),
     "soap": _kronecker(_soap, "soap"),
     "soap_eigh": _kronecker(_soap, "soap", refresh="eigh"),
     "soap_adaptive": _kronecker(_soap, "soap", precondition_frequency=1, refresh_tolerance=0.15,

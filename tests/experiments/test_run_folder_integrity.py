@@ -375,7 +375,8 @@ def test_readme_and_makefile_install_the_same_extras_and_name_the_quick_subset()
 
     readme, makefile = (ROOT / "README.md").read_text(), (ROOT / "Makefile").read_text()
     assert re.findall(r'pip install -q -e "\.\[([a-z,]+)\]"', makefile)[0] == \
-        re.findall(r'pip install -e "\.\[([a-z,]+)\]"', readme)[0] == "data,test,peers"
+        re.findall(r'pip install -e "\.\[([a-z,]+)\]"', readme)[0] == \
+        "data,test,peers,hf,lightning"
     assert "make test-fast" in readme and "\ntest-fast:" in makefile
     assert '-m "not slow"' in makefile
     assert all((ROOT / path.split("::")[0]).exists() for path in SLOW)
