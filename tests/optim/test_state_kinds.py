@@ -22,7 +22,7 @@ class Tiny(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
     def param_roles(self) -> dict[str, str]:
-        return {"a.weight": "hidden", "a.bias": "other", "b.weight": "hidden"}
+        return {"a.weight": "hidden", "a.bias": "vector", "b.weight": "hidden"}
 
 
 def stepped(name: str) -> torch.optim.Optimizer:
