@@ -1,9 +1,11 @@
-"""--beta2s and --momenta: which optimizers each sweeps, the settings they reach, run names that
-name every setting that varies."""
+"""--beta1s, --beta2s, --momenta and --weight-decays: which optimizers each sweeps, the settings
+they reach, run names that name every setting that varies."""
+
+import torch
 
 from soaplab.cli import main
 from soaplab.experiments.compare import CompareConfig, _train, plan_runs, summarize
-from soaplab.experiments.sweeps import _curve
+from soaplab.experiments.sweeps import curve_name
 
 
 def test_each_flag_sweeps_its_family_and_names_the_setting():
@@ -23,8 +25,8 @@ def test_each_flag_sweeps_its_family_and_names_the_setting():
     assert _train(cfg, kl).optimizer_kwargs["betas"] == (0.95, 0.99)
     assert [r.label for r in runs if r.optimizer == "adafactor"][0] == "adafactor-lr0.001-s0"
     # a report curve per setting, so the best lr is chosen for each
-    assert _curve({"optimizer": "muon", "freq": None, "momentum": 0.9}) == "muon m=0.9"
-    assert _curve({"optimizer": "soap", "freq": 10, "beta2": 0.99}) == "soap f=10 beta2=0.99"
+    assert curve_name({"optimizer": "muon", "freq": None, "momentum": 0.9}) == "muon m=0.9"
+    assert curve_name({"optimizer": "soap", "freq": 10, "beta2": 0.99}) == "soap f=10 beta2=0.99"
 
 
 def test_settings_name_the_sweeps_only_when_given():
@@ -48,3 +50,38 @@ def test_summarize_keeps_the_settings():
                "optimizer_seconds": 0.5, "state_bytes": 0, "diverged": False}
     row = summarize(run, RunResult(summary, None), None)
     assert (row["momentum"], row["beta2"], row["curve"]) == (0.9, None, "muon m=0.9")
+
+
+def test_beta1s_and_weight_decays_reach_every_optimizer_they_apply_to():
+    cfg = CompareConfig(optimizers=["soap", "muon", "adafactor"], lrs=[1e-3],
+                        beta1s=[0.9], weight_decays=[0.0, 0.1])
+    runs = plan_runs(cfg)
+    assert [r.label for r in runs] == [
+        "soap-lr0.001-beta10.9-wd0-s0", "soap-lr0.001-beta10.9-wd0.1-s0",
+        "muon-lr0.001-beta10.9-wd0-s0", "muon-lr0.001-beta10.9-wd0.1-s0",
+        "adafactor-lr0.001-wd0-s0", "adafactor-lr0.001-wd0.1-s0"]  # adafactor has no betas
+    kwargs = _train(cfg, runs[1]).optimizer_kwargs
+    assert (kwargs["betas"], kwargs["weight_decay"]) == ((0.9, 0.95), 0.1)
+    assert _train(cfg, runs[3]).optimizer_kwargs["betas"] == (0.9, 0.95)  # muon's AdamW half
+    assert runs[1].curve == "soap beta1=0.9 wd=0.1"
+    assert CompareConfig(weight_decays=[0.1]).settings()["weight_decays"] == [0.1]
+
+
+def test_a_swept_weight_decay_spares_the_vectors():
+    """wd 0.1 through a comparison builds the optimizer as a user would: vectors undecayed."""
+    import soaplab
+    from soaplab.experiments.tasks import TaskOptions, build_task
+
+    model = build_task(TaskOptions(size="micro", batch_size=1), torch.device("cpu")).model
+    cfg = CompareConfig(optimizers=["soap"], lrs=[1e-3], weight_decays=[0.1])
+    kwargs = _train(cfg, plan_runs(cfg)[0]).optimizer_kwargs
+    opt = soaplab.optimizer("soap", model, **{**kwargs, "lr": 1e-3})
+    decays = {p.dim(): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[1] == 0.0 and decays[2] == 0.1
+
+
+def test_bad_knob_values_are_refused(capsys):
+    assert main(["compare", "lm", "--weight-decays", "-0.1"]) == 2
+    assert "--weight-decays must be >= 0 and finite, got [-0.1]" in capsys.readouterr().err
+    assert main(["compare", "lm", "--beta1s", ""]) == 2
+    assert "--beta1s is empty" in capsys.readouterr().err

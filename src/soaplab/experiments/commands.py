@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from soaplab import torchrun
+from soaplab.experiments import tuning
 from soaplab.experiments.compare import CompareConfig, compare
 from soaplab.experiments.loop import PRECISIONS, TrainConfig
 from soaplab.experiments.tasks import TASKS, TaskOptions
@@ -54,12 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="preconditioning frequencies to sweep for soap/shampoo, e.g. 1,10,100")
         p.add_argument("--lrs", type=_list(float), default=None,
                        help="learning rates to sweep (default: the tuned lr of each optimizer)")
-        p.add_argument("--beta2s", type=_list(float), default=None,
-                       help="β2 values to sweep for the Adam-type optimizers (adamw, soap, "
-                            "shampoo, kl_shampoo and their variants), e.g. 0.95,0.99")
-        p.add_argument("--momenta", type=_list(float), default=None,
-                       help="momentum values to sweep for the Muon-type optimizers (muon, "
-                            "normuon), e.g. 0.9,0.95")
+        for knob in tuning.KNOBS:
+            p.add_argument(f"--{knob.flag.replace('_', '-')}", type=_list(float), default=None,
+                           help=knob.help)
         p.add_argument("--seeds", type=_list(int), default=[0],
                        help="seeds (default 0); with several, the report gives the mean and "
                             "spread of the final loss and of the ratios to AdamW")
@@ -114,7 +112,8 @@ SEEDS = 2**32  # seeds lie in [0, SEEDS): torch seeds its generators with seed a
 def _check(args: argparse.Namespace) -> None:
     """Every flag argparse cannot check alone, one line naming the flag; nothing is written
     before these pass."""
-    for name in ("seeds", "lrs", "freqs", "batch_sizes", "lengths"):
+    for name in ("seeds", "lrs", "freqs", "batch_sizes", "lengths",
+                 *(k.flag for k in tuning.KNOBS)):
         if getattr(args, name) == []:
             raise ValueError(f"--{name.replace('_', '-')} is empty; give at least one value "
                              "or leave the flag out")
@@ -130,9 +129,13 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if not 0 <= getattr(args, "dropout", 0.0) < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    for name, values in (("--beta2s", args.beta2s), ("--momenta", args.momenta)):
-        if any(not 0 <= v < 1 for v in values or []):
-            raise ValueError(f"{name} must be in [0, 1), got {values}")
+    for knob in tuning.KNOBS:
+        values = getattr(args, knob.flag) or []
+        flag = f"--{knob.flag.replace('_', '-')}"
+        if knob.name == "weight_decay" and any(not (math.isfinite(v) and v >= 0) for v in values):
+            raise ValueError(f"{flag} must be >= 0 and finite, got {values}")
+        if knob.name != "weight_decay" and any(not 0 <= v < 1 for v in values):
+            raise ValueError(f"{flag} must be in [0, 1), got {values}")
     if any(f < 1 for f in args.freqs or []):
         raise ValueError(f"--freqs must be >= 1, got {args.freqs}")
     if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
@@ -188,7 +191,7 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                         device=torchrun.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
-                         lrs=args.lrs, beta2s=args.beta2s, momenta=args.momenta,
+                         lrs=args.lrs, **{k.flag: getattr(args, k.flag) for k in tuning.KNOBS},
                          seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
                          against=None if args.against is None else canonical(args.against),

@@ -1,4 +1,5 @@
-"""Compare optimizers on one task: optimizers × frequencies × lrs (× β2s or momenta) × seeds
+"""Compare optimizers on one task: optimizers × frequencies × lrs (× β1s, β2s, momenta, weight
+decays) × seeds
 (× batch sizes × training lengths) -> one run folder.
 
 The headline measure is the SOAP paper's: how many steps (and seconds of training) each
@@ -8,6 +9,7 @@ target is AdamW's (best lr's) final loss in the same cell: same seed, batch size
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,8 +38,10 @@ class CompareConfig:
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon", "soap"])
     freqs: list[int] | None = None
     lrs: list[float] | None = None
-    beta2s: list[float] | None = None  # β2 of the Adam-type optimizers (tuning.BETA2_FAMILIES)
-    momenta: list[float] | None = None  # momentum of the Muon-type ones (MOMENTUM_FAMILIES)
+    beta1s: list[float] | None = None  # the sweeps of tuning.KNOBS, each where it applies
+    beta2s: list[float] | None = None
+    momenta: list[float] | None = None
+    weight_decays: list[float] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     batch_sizes: list[int] | None = None  # a batch-size sweep (steps held fixed)
     lengths: list[int] | None = None  # a training-length sweep: step budgets
@@ -55,7 +59,7 @@ class CompareConfig:
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
                 "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths,
                 # only when swept, so that folders made before these sweeps still resume
-                **{k: v for k, v in (("beta2s", self.beta2s), ("momenta", self.momenta)) if v}}
+                **{k.flag: getattr(self, k.flag) for k in tuning.KNOBS if getattr(self, k.flag)}}
 
 
 @dataclass
@@ -68,16 +72,21 @@ class Run:
     steps: int | None = None  # None: the training config's
     beta2: float | None = None  # None: the optimizer's tuned setting (tuning.COMMON)
     momentum: float | None = None
+    beta1: float | None = None
+    weight_decay: float | None = None
+
+    @property
+    def knobs(self) -> dict[str, float | None]:
+        return {k.name: getattr(self, k.name) for k in tuning.KNOBS}
 
     @property
     def label(self) -> str:
         freq = f"-f{self.freq}" if self.freq is not None else ""
-        beta2 = f"-beta2{self.beta2:g}" if self.beta2 is not None else ""
-        momentum = f"-mom{self.momentum:g}" if self.momentum is not None else ""
+        knobs = "".join(f"{k.tag}{_exact(getattr(self, k.name))}" for k in tuning.KNOBS
+                        if getattr(self, k.name) is not None)
         batch = f"-b{self.batch_size}" if self.batch_size is not None else ""
         steps = f"-n{self.steps}" if self.steps is not None else ""
-        lr = f"{self.lr:g}" if float(f"{self.lr:g}") == self.lr else repr(self.lr)  # exact
-        return (f"{self.optimizer}{freq}-lr{lr}{beta2}{momentum}{batch}{steps}"
+        return (f"{self.optimizer}{freq}-lr{_exact(self.lr)}{knobs}{batch}{steps}"
                 f"-s{self.seed}")
 
     @property
@@ -88,9 +97,14 @@ class Run:
     @property
     def curve(self) -> str:
         """Legend label: the runs that one line stands for."""
-        return self.optimizer + "".join(f" {k}={v}" for k, v in (
-            ("f", self.freq), ("beta2", self.beta2), ("m", self.momentum),
-            ("b", self.batch_size), ("n", self.steps)) if v is not None)
+        return sweeps.curve_name({"optimizer": self.optimizer, "freq": self.freq, **self.knobs}
+                                 ) + "".join(f" {k}={v}" for k, v in (
+                                     ("b", self.batch_size), ("n", self.steps)) if v is not None)
+
+
+def _exact(value: float) -> str:
+    """``value`` short where that is exact (0.001), else in full (0.0010000001)."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
 
 
 def plan_runs(cfg: CompareConfig) -> list[Run]:
@@ -98,10 +112,11 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     for name in cfg.optimizers:
         freqs = cfg.freqs if cfg.freqs and tuning.uses_frequency(name) else [None]
         lrs = cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
-        beta2s = cfg.beta2s if cfg.beta2s and tuning.sweeps_beta2(name) else [None]
-        momenta = cfg.momenta if cfg.momenta and tuning.sweeps_momentum(name) else [None]
-        runs += [Run(name, f, lr, s, b, n, b2, m) for f in freqs for lr in lrs
-                 for b2 in beta2s for m in momenta
+        values = [getattr(cfg, k.flag) if getattr(cfg, k.flag) and k.applies(name) else [None]
+                  for k in tuning.KNOBS]
+        runs += [Run(name, f, lr, s, b, n, **dict(zip((k.name for k in tuning.KNOBS), knobs,
+                                                      strict=True)))
+                 for f in freqs for lr in lrs for knobs in itertools.product(*values)
                  for b in cfg.batch_sizes or [None] for n in cfg.lengths or [None]
                  for s in cfg.seeds]
     return runs
@@ -121,7 +136,7 @@ def summarize(run: Run, result: RunResult, target: float | None) -> dict[str, An
     s = result.summary
     evals, total = s["evals"], s["train_seconds"]
     row = {"run": run.label, "curve": run.curve, "optimizer": run.optimizer, "freq": run.freq,
-           "lr": run.lr, "beta2": run.beta2, "momentum": run.momentum, "seed": run.seed,
+           "lr": run.lr, **run.knobs, "seed": run.seed,
            "batch_size": run.batch_size, "steps": run.steps,
            "final_train_loss": s["final_train_loss"],
            "final_val_loss": evals[-1]["val_loss"] if evals else None,
@@ -228,8 +243,8 @@ def _train(cfg: CompareConfig, run: Run) -> TrainConfig:
     length = {} if run.steps is None else {"steps": run.steps,
                                            "warmup": min(cfg.train.warmup, run.steps)}
     return replace(cfg.train, optimizer=run.optimizer, lr=run.lr, seed=run.seed,
-                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq, run.beta2,
-                                                            run.momentum), **length)
+                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq,
+                                                            **run.knobs), **length)
 
 
 def _tokens_per_param_per_example(probe: Task) -> float:

@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from soaplab.experiments.sweeps import _curve as curve_name
+from soaplab.experiments.sweeps import curve_name
 from soaplab.reporting.tables import markdown_table
 
 MIN_SEEDS = 5

@@ -12,12 +12,12 @@ import torch
 from soaplab.experiments.data.photos import lab_to_rgb
 from soaplab.experiments.loop import RunResult
 from soaplab.experiments.tasks import TaskOptions, spec
-from soaplab.experiments.tuning import default_lr
+from soaplab.experiments.tuning import KNOBS, default_lr
 from soaplab.reporting import plots
 from soaplab.reporting.runs import atomic_write
 from soaplab.reporting.tables import markdown_table
 
-COLUMNS = ["optimizer", "freq", "lr", "beta2", "momentum", "seed", "batch_size", "steps",
+COLUMNS = ["optimizer", "freq", "lr", *(k.name for k in KNOBS), "seed", "batch_size", "steps",
            "final_train_loss", "final_val_loss", "best_val_loss", "steps_to_target",
            "seconds_to_target", "train_seconds", "optimizer_share", "state_mb", "diverged"]
 

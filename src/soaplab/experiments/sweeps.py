@@ -15,15 +15,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from soaplab.experiments.tuning import KNOBS
 from soaplab.reporting import plots
 from soaplab.reporting.tables import markdown_table
 
 Row = dict[str, Any]
 
 
-def _curve(row: Row) -> str:
-    return row["optimizer"] + "".join(f" {k}={row[key]}" for k, key in (
-        ("f", "freq"), ("beta2", "beta2"), ("m", "momentum")) if row.get(key) is not None)
+def curve_name(row: Row) -> str:
+    """The optimizer and every setting of the row that varies (``None``: not swept) but the
+    lr, batch size and length, which the summaries range over."""
+    keys = [("f", "freq"), *((k.legend, k.name) for k in KNOBS)]
+    return row["optimizer"] + "".join(f" {k}={row[key]}" for k, key in keys
+                                      if row.get(key) is not None)
 
 
 def _final(row: Row) -> float:
@@ -72,7 +76,7 @@ def summary(rows: Sequence[Row]) -> list[Row]:
     """One row per curve × batch size × length, at that curve's best lr there."""
     groups: dict[tuple, dict[float, list[Row]]] = defaultdict(lambda: defaultdict(list))
     for r in _with_ratios(rows):
-        groups[(_curve(r), r["batch_size"], r["steps"])][r["lr"]].append(r)
+        groups[(curve_name(r), r["batch_size"], r["steps"])][r["lr"]].append(r)
     out = []
     for (curve, batch, steps), by_lr in groups.items():
         lr, seeds = min(by_lr.items(), key=lambda kv: statistics.fmean(map(_final, kv[1])))

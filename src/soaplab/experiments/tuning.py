@@ -15,6 +15,7 @@ soaplab/registry.py.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from soaplab.experiments.tasks import spec
@@ -31,21 +32,63 @@ COMMON: dict[str, dict[str, Any]] = {
     "normuon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
 }
 UNTUNED_LR = 3e-3  # for a family no sweep has tuned yet
-# What `--beta2s` sweeps: β2 of the Adam-type families (and of the Kronecker factors' EMA,
-# which follows β2); what `--momenta` sweeps: the momentum of the Muon-type ones.
-BETA2_FAMILIES = ("adamw", "shampoo", "soap", "kl_shampoo")
-MOMENTUM_FAMILIES = ("muon", "normuon")
 
 
-def optimizer_kwargs(name: str, freq: int | None, beta2: float | None = None,
-                     momentum: float | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Knob:
+    """A setting a comparison may sweep beside the lr (``--beta2s`` sweeps ``beta2``).
+
+    ``families`` are the optimizer families it applies to (None: every one); ``tag`` and
+    ``legend`` name its value in run folders and in report legends.
+    """
+
+    name: str  # the Run field and the report column
+    flag: str  # the CompareConfig field and the command-line flag (with - for _)
+    tag: str
+    legend: str
+    families: tuple[str, ...] | None
+    help: str
+
+    def applies(self, optimizer: str) -> bool:
+        return self.families is None or entry(optimizer).family in self.families
+
+    def set(self, kwargs: dict[str, Any], value: float) -> None:
+        if self.name == "beta1":
+            kwargs["betas"] = (value, kwargs["betas"][1])
+        elif self.name == "beta2":
+            kwargs["betas"] = (kwargs["betas"][0], value)
+        else:
+            kwargs[self.name] = value
+
+
+# β2 also sets the Kronecker factors' EMA, which follows it; β1 of muon and normuon is their
+# AdamW half's (their own momentum is ``momentum``); weight decay never reaches vectors.
+_WITH_BETAS = tuple(f for f, kw in COMMON.items() if "betas" in kw)
+KNOBS = (
+    Knob("beta1", "beta1s", "-beta1", "beta1", _WITH_BETAS,
+         "β1 values to sweep (the momentum of the Adam-type optimizers, and of muon's and "
+         "normuon's AdamW half), e.g. 0.9,0.95"),
+    Knob("beta2", "beta2s", "-beta2", "beta2", ("adamw", "shampoo", "soap", "kl_shampoo"),
+         "β2 values to sweep for the Adam-type optimizers (adamw, soap, shampoo, kl_shampoo "
+         "and their variants), e.g. 0.95,0.99"),
+    Knob("momentum", "momenta", "-mom", "m", ("muon", "normuon"),
+         "momentum values to sweep for the Muon-type optimizers (muon, normuon), e.g. "
+         "0.9,0.95"),
+    Knob("weight_decay", "weight_decays", "-wd", "wd", None,
+         "weight decays to sweep, for every optimizer (never on vectors: biases, norm gains), "
+         "e.g. 0,0.1"),
+)
+
+
+def optimizer_kwargs(name: str, freq: int | None, **knobs: float | None) -> dict[str, Any]:
+    """The settings of ``name`` in a comparison: its family's (``COMMON``), its frequency, and
+    the swept ``knobs`` (by ``Knob.name``; None keeps the family's)."""
     kwargs = dict(COMMON.get(entry(name).family, {}))
     if freq is not None:
         kwargs["precondition_frequency"] = freq
-    if beta2 is not None:
-        kwargs["betas"] = (kwargs["betas"][0], beta2)
-    if momentum is not None:
-        kwargs["momentum"] = momentum
+    for knob in KNOBS:
+        if knobs.get(knob.name) is not None:
+            knob.set(kwargs, knobs[knob.name])
     return kwargs
 
 
@@ -55,11 +98,3 @@ def default_lr(task: str, name: str) -> float:
 
 def uses_frequency(name: str) -> bool:
     return entry(name).frequency
-
-
-def sweeps_beta2(name: str) -> bool:
-    return entry(name).family in BETA2_FAMILIES
-
-
-def sweeps_momentum(name: str) -> bool:
-    return entry(name).family in MOMENTUM_FAMILIES
