@@ -56,6 +56,26 @@ def test_both_analyses_follow_the_same_training_trajectory(runs):
     assert [r["train_loss"] for r in kron] == [r["train_loss"] for r in white]
 
 
+@pytest.mark.parametrize(("file", "damage", "message"), [
+    ("metrics.jsonl", lambda text: '{"kind": "snapshot"}\n' + text,
+     r"metrics.jsonl \(line 1\): 'step' is missing"),
+    ("metrics.jsonl", lambda text: text.replace('"test_acc": ', '"test_acc": "x", "_": ', 1),
+     r"\(step 0\): 'test_acc' should be int or float"),
+    ("config.json", lambda text: text.replace('"hidden": 4', '"hidden": "4"'),
+     r"config.json \(config\): 'hidden' should be int"),
+])
+def test_the_report_checks_what_it_reads_back(runs, tmp_path, file, damage, message):
+    """A damaged analysis folder gives one line naming the file and what is wrong."""
+    import shutil
+
+    from soaplab.analysis.report import write_report
+
+    folder = shutil.copytree(runs[1], tmp_path / "copy")
+    (folder / file).write_text(damage((folder / file).read_text()))
+    with pytest.raises(ValueError, match=message):
+        write_report(folder, "soaplab analyze whitening")
+
+
 def test_command_line_rebuilds_the_config():
     args = build_parser().parse_args(["analyze", "kronecker", *TINY, "--batch-sizes", "2,4"])
     cfg = _config("kronecker", args)

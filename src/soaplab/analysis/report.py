@@ -6,13 +6,12 @@ without re-running the study.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from soaplab.analysis.figures import panel_plot
 from soaplab.reporting.plots import line_plot
-from soaplab.reporting.runs import atomic_write, read_jsonl
+from soaplab.reporting.runs import NUMBER, atomic_write, check, read_config, read_jsonl
 from soaplab.reporting.tables import markdown_table
 
 KRONECKER = {"optimal": "optimal Kronecker", "shampoo2": "Shampoo² (L⊗R)",
@@ -20,6 +19,11 @@ KRONECKER = {"optimal": "optimal Kronecker", "shampoo2": "Shampoo² (L⊗R)",
 WHITENING = {"adam": "Adam diag(C)^-½", "shampoo": "Shampoo (L⊗R/tr C)^-½",
              "shampoo_quarter": "Shampoo L^-¼⊗R^-¼", "soap": "SOAP"}
 
+
+# What the report reads back (reporting.runs.check): the study's settings and its records.
+CONFIG = {"kind": str, "dataset": str, "optimizer": str, "lr": NUMBER, "steps": int,
+          "batch_size": int, "hidden": int, "activation": str, "probe": int}
+SNAPSHOT = {"layer": str, "shape": str, "train_loss": NUMBER, "test_acc": NUMBER}
 
 def _layer(record: dict[str, Any]) -> str:
     return f"{record['layer']} ({record['shape']})"
@@ -108,9 +112,14 @@ def _whitening_sections(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
 def write_report(run_dir: Path, command: str) -> Path:
     """Write run_dir/report.md (tables, PNG links) from run_dir/metrics.jsonl."""
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())["config"]
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    rows = [r for r in records if r["kind"] == "snapshot"]
+    cfg = check(run_dir / "config.json", read_config(run_dir)["config"], CONFIG, "config")
+    metrics = run_dir / "metrics.jsonl"
+    records = read_jsonl(metrics, {"kind": str, "step": int})
+    rows = [check(metrics, r, SNAPSHOT, f"step {r['step']}") for r in records
+            if r["kind"] == "snapshot"]
+    for r in records:
+        if r["kind"] == "train":
+            check(metrics, r, {"loss": NUMBER}, f"step {r['step']}")
     if not rows:
         raise RuntimeError(f"{run_dir} holds no snapshot records; was any snapshot step reached?")
     body = _kronecker_sections if cfg["kind"] == "kronecker" else _whitening_sections

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -104,9 +104,11 @@ GROUP_CHECKS = {
 }
 
 
-def check_group(owner: str, index: int, group: dict[str, Any]) -> None:
-    """One ValueError naming the optimizer, the group and the value, before a step uses it."""
-    for key, check in GROUP_CHECKS.items():
+def check_group(owner: str, index: int, group: dict[str, Any],
+                checks: Mapping[str, Callable[[str, Any], None]] = GROUP_CHECKS) -> None:
+    """One ValueError naming the optimizer, the group and the value, before a step uses it
+    (``checks``: an optimizer's own, where its constructor differs from ``GROUP_CHECKS``)."""
+    for key, check in checks.items():
         if key in group:
             try:
                 check(key, group[key])

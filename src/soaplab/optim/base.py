@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from soaplab.optim import storage
 from soaplab.optim._checks import (
+    GROUP_CHECKS,
     check_choice,
     check_group,
     check_kind,
@@ -141,6 +142,9 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     ``maximize`` and ``foreach`` (torch's name for ``batched``) are torch.optim's; of its other
     flags, ``differentiable``, ``fused`` and ``capturable`` are accepted only when off.
     """
+
+    # what step() checks in each group (values a scheduler or a user set after construction)
+    group_checks: Mapping[str, Callable[[str, Any], None]] = GROUP_CHECKS
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], *, nonfinite: str,
                  matrix_dtype: torch.dtype | None, process_group: Any = None,
@@ -280,7 +284,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
                           f"skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
             return loss
         for index, group in enumerate(self.param_groups):
-            check_group(type(self).__name__, index, group)
+            check_group(type(self).__name__, index, group, self.group_checks)
             targets = self._targets(group)
             for bucket in self._buckets(group, targets):
                 self._step_bucket(bucket, group)

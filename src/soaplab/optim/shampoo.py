@@ -24,6 +24,7 @@ from torch import Tensor
 from soaplab.optim import grafting as graft_fns
 from soaplab.optim import storage
 from soaplab.optim._checks import (
+    GROUP_CHECKS,
     check_beta,
     check_betas,
     check_choice,
@@ -59,6 +60,8 @@ class Shampoo(KroneckerOptimizer):
             orthogonal, so SOAP's basis storage has no counterpart here.
         matrix_dtype, nonfinite, batched, process_group, maximize, foreach: as in SOAP.
     """
+
+    group_checks = {**GROUP_CHECKS, "eps": check_positive}  # an inverse root needs ε > 0
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-12, weight_decay: float = 0.0,

@@ -42,7 +42,11 @@ def load_text(path: str | Path | None = None, max_chars: int | None = None) -> s
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:  # replacement characters would train on garbage
+            raise ValueError(f"--text {path}: not UTF-8 text (byte {err.start}); convert it "
+                             "to UTF-8 first") from None
     else:
         text = "".join(markdown_to_plain(p.read_text("utf-8"))
                        for p in sorted(_plays_root().rglob("*.md")))
