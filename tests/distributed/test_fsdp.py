@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial
 
 from soaplab import SOAP
 from tests.distributed import harness
@@ -118,10 +118,10 @@ def _faults(rank: int, world_size: int) -> None:
     plain = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="some parameters are DTensors"):
         SOAP([*model, plain])
-    replicated = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4),
-                                                      model[0].device_mesh, [Replicate()]))
-    with pytest.raises(ValueError, match=r"placed as \(Replicate\(\),\)"):
-        SOAP([replicated])
+    partial = torch.nn.Parameter(DTensor.from_local(torch.zeros(4, 4), model[0].device_mesh,
+                                                    [Partial()]))
+    with pytest.raises(ValueError, match=r"placed as \(Partial\(sum\),\); soaplab supports"):
+        SOAP([partial])
     with pytest.raises(ValueError, match="process_group differs from the device mesh"):
         SOAP(model.parameters(), process_group=dist.new_group([0]))
 
