@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup test test-fast main lint bench photos
+.PHONY: setup test test-fast test-mesh main lint bench photos
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -15,7 +15,13 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not mesh"
+	$(MAKE) --no-print-directory test-mesh
+
+# 2-D meshes (HSDP, data x tensor parallel) and tensor parallelism on 4 and 2 gloo processes:
+# about 2 minutes on the 2-core machine. `make test` runs it after the rest.
+test-mesh: $(STAMP)
+	$(PY) -m pytest -m mesh
 
 # The quick subset: every test not marked slow (tests/conftest.py marks the ones that start
 # processes, compile or train whole comparisons).

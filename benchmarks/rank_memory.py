@@ -18,17 +18,15 @@ job needs). SOAP's owners are those the real split modes compute
   parameter whole and keeps plain full-size state). AdamW's state is sharded like the
   parameters (``torch.chunk`` of the rows); Muon's is *computed* the same way (torch's Muon
   does not take DTensors).
-* HSDP, replicas x shards (computed: not built yet): SOAP's owners over all ranks of the mesh,
-  so that no replica repeats another's preconditioner work (what issue 22 asks); AdamW's and
-  Muon's state sharded over the shard dimension and repeated on every replica.
-* TP over all ranks (computed: not built yet): the matrices placed as ``parallelize_module``
+* HSDP, replicas x shards, and TP over all ranks (DTensor mode, ``soaplab.optim.distributed.
+  fsdp``): SOAP's owners over all ranks of the mesh, each holding its parameters' whole
+  state, so no replica repeats another's preconditioner work; the same numbers as DDP split
+  (``tests/distributed/test_meshes.py`` prints the real ranks' state). AdamW's and Muon's
+  state is *computed* sharded like the parameters: under HSDP over the shard dimension and
+  repeated on every replica; under TP with the matrices placed as ``parallelize_module``
   places a GPT's (qkv and MLP-up ``ColwiseParallel``: ``Shard(0)``; attention and MLP-down
   projections ``RowwiseParallel``: ``Shard(1)``; the token embedding ``Shard(0)``; the
-  position embedding and LayerNorms replicated). Element-wise state (SOAP's m and v, AdamW's,
-  Muon's) is sharded like its parameter; each of SOAP's factors with its basis is kept whole
-  by one rank (the layout the issue's ownership rule implies: for ``Shard(0)`` the factor of
-  the unsharded axis is a sum of local grams, the other one needs the rows gathered), owners
-  balanced by d³ over those factors and the replicated parameters.
+  position embedding and LayerNorms replicated).
 """
 
 from __future__ import annotations
@@ -123,22 +121,13 @@ def tp_dims(shapes: list[Shape]) -> list[int | None]:
     return [0, None] + block * layers + [None, None]
 
 
-def tensor_parallel(states: list[ParamState], dims: list[int | None], ranks: int,
-                    soap: bool) -> list[int]:
-    """Per rank under TP (see the module docstring)."""
+def tensor_parallel(states: list[ParamState], dims: list[int | None], ranks: int) -> list[int]:
+    """Per rank under TP for torch's optimizers: state sharded like its parameter, that of
+    replicated parameters on every rank."""
     held = [0] * ranks
-    items: list[tuple[int, int]] = []  # (cost, bytes) given one owner each
     for s, dim in zip(states, dims, strict=True):
-        if dim is None:
-            if soap:
-                items.append((s.cost, total(s)))
-            else:
-                held = [h + total(s) for h in held]
-            continue
-        held = [h + b for h, b in zip(held, sharded(s, ranks, dim), strict=True)]
-        items += [(s.shape[axis] ** 3, n) for axis, n in s.axes.items()]
-    for (_, n), r in zip(items, assign_owners([c for c, _ in items], ranks), strict=True):
-        held[r] += n
+        parts = [total(s)] * ranks if dim is None else sharded(s, ranks, dim)
+        held = [h + b for h, b in zip(held, parts, strict=True)]
     return held
 
 
@@ -154,7 +143,7 @@ def per_rank(states: list[ParamState], ranks: int, replicas: int, soap: bool,
             "DDP split": max(split) if soap else everything,
             "FSDP2": max(split) if soap else max(fsdp),
             "HSDP": max(split) if soap else max(hsdp),
-            "TP": max(tensor_parallel(states, dims, ranks, soap))}
+            "TP": max(split) if soap else max(tensor_parallel(states, dims, ranks))}
 
 
 def measure(build: Callable[[list[Tensor]], torch.optim.Optimizer],
@@ -196,7 +185,7 @@ def main() -> None:
     shards = args.ranks // args.replicas
     columns = ["one rank", "DDP split", "FSDP2", "HSDP", "TP"]
     heads = ["1 rank", f"DDP split ×{args.ranks}", f"FSDP2 ×{args.ranks}",
-             f"HSDP {args.replicas}×{shards} (computed)", f"TP ×{args.ranks} (computed)"]
+             f"HSDP {args.replicas}×{shards}", f"TP ×{args.ranks}"]
     n_params = sum(math.prod(s) for s in shapes)
     print(f"state MB (2^20 bytes) of the fullest rank, GPT width {args.width}, {args.layers} "
           f"layers ({n_params / 1e6:.2f} M parameters); in brackets: × AdamW's in that mode; "

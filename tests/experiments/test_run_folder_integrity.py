@@ -379,4 +379,6 @@ def test_readme_and_makefile_install_the_same_extras_and_name_the_quick_subset()
         "data,test,peers,hf,lightning"
     assert "make test-fast" in readme and "\ntest-fast:" in makefile
     assert '-m "not slow"' in makefile
+    assert "\ntest-mesh:" in makefile and "make test-mesh" in readme  # make test runs it too
+    assert '-m "not mesh"' in makefile and "$(MAKE) --no-print-directory test-mesh" in makefile
     assert all((ROOT / path.split("::")[0]).exists() for path in SLOW)

@@ -159,7 +159,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
         if isinstance(params, nn.Module):  # as soaplab.optimizer(name, model): see soaplab.roles
             params = decay_groups(params, defaults["weight_decay"])
         super().__init__(params, defaults)
-        # DDP or FSDP2 mode (see soaplab.optim.distributed); None: this process does it all.
+        # DDP or DTensor mode (see soaplab.optim.distributed); None: this process does it all.
         # Decided again whenever the parameters change (see :attr:`split`).
         self._process_group = process_group
         self._split_layout: tuple[int, ...] | None = None
@@ -218,7 +218,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     # -- public interface of the layers below (see interface.Shell) ----------------------------
     @property
     def split(self) -> OwnerSplit | None:
-        """The distributed split (DDP or FSDP2 mode), or None in a single process."""
+        """The distributed split (DDP or DTensor mode), or None in a single process."""
         self._sync_split()
         return self._split
 
@@ -430,7 +430,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict; in DDP or FSDP2 mode a collective that exports every
+        """torch's state dict; in DDP or DTensor mode a collective that exports every
         parameter's state on every rank, as DTensor slices (see distributed/checkpoint.py)."""
         return export(self, super().state_dict())
 

@@ -7,8 +7,9 @@ the single-process maths. Two ways of putting the result back:
 * ``ddp``: pass ``process_group=`` under DDP (every rank holds every parameter); one all-gather
   per param group copies the new values to every rank. A group of one rank, or no
   ``process_group``, gives the plain single-process optimizer.
-* ``fsdp``: DTensor parameters (FSDP2's ``fully_shard``), found automatically; one all-to-all
-  gathers each parameter's shards whole on its owner, another sends the new shards back.
+* ``fsdp``: DTensor parameters (FSDP2's ``fully_shard``, HSDP, tensor parallelism), found
+  automatically; one all-to-all gathers each parameter's tiles whole on its owner among all
+  the mesh's ranks, another sends every rank its new tile.
 
 ``checkpoint`` exports every parameter's state on every rank as DTensor slices (what torch's
 checkpoint helpers expect), consolidates it, and checks what is loaded. See

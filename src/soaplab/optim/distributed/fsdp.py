@@ -112,13 +112,15 @@ class ShardedSplit(OwnerSplit):
         self._sources = [self._cover(i, p, self._owners[p]) for i, p in enumerate(params)]
 
     def _cover(self, i: int, p: Tensor, owner: int) -> list[int]:
-        """One rank per distinct non-empty tile of parameter ``i`` (the owner where it holds
-        that tile, which then sends nothing): together their tiles are the whole tensor."""
-        chosen: dict[Tile, int] = {}
-        for r in (owner, *range(self.world_size)):
-            tile = self._tiles[r][i]
-            if math.prod(tile[1]) and tile not in chosen:
-                chosen[tile] = r
+        """One rank per distinct non-empty tile of parameter ``i``: the owner where it holds
+        that tile (it then sends nothing), else one of the tile's holders, taken in turn by
+        parameter so that replicas share the sending. Together their tiles are the tensor."""
+        holders: dict[Tile, list[int]] = {}
+        for r in range(self.world_size):
+            if math.prod(self._tiles[r][i][1]):
+                holders.setdefault(self._tiles[r][i], []).append(r)
+        chosen = {tile: owner if owner in ranks else ranks[i % len(ranks)]
+                  for tile, ranks in holders.items()}
         if sum(math.prod(shape) for _, shape in chosen) != p.numel():
             raise RuntimeError(f"the tiles of the parameter with shape {tuple(p.shape)} placed "
                                f"{p.placements} do not cover it once")
