@@ -126,3 +126,47 @@ def check_owned_state(name: str, model: torch.nn.ParameterList, split: torch.opt
 def kib(per_rank: list[int]) -> str:
     """Bytes per rank, as the KiB list the tests print."""
     return ", ".join(f"{b / 1024:.1f}" for b in per_rank)
+
+
+def tracks_one_process(make: Callable[[], torch.nn.Sequential],
+                       distribute: Callable[[torch.nn.Module], Any], label: str,
+                       split_batch: bool) -> None:
+    """Real training of ``make()``, laid out by ``distribute``, against one process on the whole
+    batch, with SOAP at max_precond_dim=0 (Adam in the identity basis, the same code path:
+    parameters within 1e-6) and with SOAP itself (losses within 1%: its first basis comes from
+    one gradient, so every non-square factor is rank-deficient and eigh picks an arbitrary
+    basis of its null space, where Adam turns the collectives' rounding into O(1) steps).
+    With ``split_batch`` each rank trains on its slice of the batch (data parallel), else on
+    all of it (tensor parallel)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    for kwargs in ({"max_precond_dim": 0}, {}):
+        parallel, plain = make(), make()
+        distribute(parallel)
+        opt = SOAP(parallel.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
+        reference = SOAP(plain.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
+        gen = torch.Generator().manual_seed(0)
+        worst = 0.0
+        for _ in range(STEPS):
+            x = torch.randn(24, plain[0].in_features, generator=gen)
+            y = torch.randn(24, plain[-1].out_features, generator=gen)
+            mine = slice(rank * 24 // world_size, (rank + 1) * 24 // world_size) \
+                if split_batch else slice(None)
+            losses = []
+            for model, optimizer, part in ((parallel, opt, mine), (plain, reference, slice(None))):
+                loss = torch.nn.functional.mse_loss(model(x[part]), y[part])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+            if split_batch:
+                dist.all_reduce(losses[0])
+                losses[0] /= world_size
+            worst = max(worst, abs(losses[0].item() / losses[1].item() - 1))
+        diff = max((full(p) - q).abs().max().item()
+                   for p, q in zip(parallel.parameters(), plain.parameters(), strict=True))
+        if kwargs:
+            assert diff <= 1e-6, f"identity basis: parameters differ by {diff:.3g}"
+        assert worst <= 1e-2, f"{kwargs}: losses differ from one process by {worst:.2%}"
+        if rank == 0:
+            print(f"{label} {kwargs or 'SOAP'}, {world_size} ranks: largest relative loss "
+                  f"difference {worst:.2g}, parameter difference {diff:.2g}")

@@ -49,46 +49,18 @@ def _mlp() -> torch.nn.Sequential:
                                torch.nn.GELU(), torch.nn.Linear(8, 4))
 
 
+def _shard_layers(model: torch.nn.Module) -> None:
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            harness.shard(layer)
+    harness.shard(model)
+
+
 def _training_tracks_one_process(rank: int, world_size: int) -> None:
     """Real forward/backward under fully_shard (per layer and root), each rank on its slice of
-    the global batch, against one process on the whole batch: the gradients differ only by the
-    rounding of the reduce-scatter (about 1e-8).
-
-    With max_precond_dim=0 (Adam in the identity basis, the same code path) the parameters must
-    agree to 1e-6. SOAP's first basis comes from one gradient, so every non-square factor is
-    rank-deficient and eigh picks an arbitrary basis of its null space, where Adam normalizes
-    rounding noise into O(1) steps: there only the losses can agree (within 1%)."""
-    for kwargs in ({"max_precond_dim": 0}, {}):
-        sharded, plain = _mlp(), _mlp()
-        for layer in sharded:
-            if isinstance(layer, torch.nn.Linear):
-                harness.shard(layer)
-        harness.shard(sharded)
-        opt = SOAP(sharded.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
-        reference = SOAP(plain.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
-        gen = torch.Generator().manual_seed(0)
-        worst = 0.0
-        for _ in range(STEPS):
-            x, y = torch.randn(24, 12, generator=gen), torch.randn(24, 4, generator=gen)
-            mine = slice(rank * 24 // world_size, (rank + 1) * 24 // world_size)
-            losses = []
-            for model, optimizer, (xs, ys) in ((sharded, opt, (x[mine], y[mine])),
-                                               (plain, reference, (x, y))):
-                loss = torch.nn.functional.mse_loss(model(xs), ys)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.detach())
-            dist.all_reduce(losses[0])
-            worst = max(worst, abs(losses[0].item() / world_size / losses[1].item() - 1))
-        diff = max((full(p) - q).abs().max().item()
-                   for p, q in zip(sharded.parameters(), plain.parameters(), strict=True))
-        if kwargs:
-            assert diff <= 1e-6, f"identity basis: parameters differ by {diff:.3g}"
-        assert worst <= 1e-2, f"{kwargs}: losses differ from one process by {worst:.2%}"
-        if rank == 0:
-            print(f"fully_shard MLP {kwargs or 'SOAP'}, {world_size} ranks: largest relative "
-                  f"loss difference {worst:.2g}, parameter difference {diff:.2g}")
+    the global batch: the gradients differ from one process on the whole batch only by the
+    rounding of the reduce-scatter (about 1e-8)."""
+    harness.tracks_one_process(_mlp, _shard_layers, "fully_shard MLP", split_batch=True)
 
 
 def test_fully_shard_training_tracks_one_process() -> None:

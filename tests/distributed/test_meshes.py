@@ -170,36 +170,13 @@ def _mlp() -> torch.nn.Sequential:
 
 def _tensor_parallel_training(rank: int, world_size: int) -> None:
     """``parallelize_module`` with ColwiseParallel then RowwiseParallel (weights Shard(0) and
-    Shard(1), biases Shard(0) and Replicate), every rank on the same batch, against one
-    process: the forward's all-reduce rounds differently from one matmul, so with
-    max_precond_dim=0 (Adam through the same code) parameters agree to 1e-6 and with SOAP the
-    losses agree to 1% (its first, rank-deficient bases amplify rounding, as under FSDP2)."""
+    Shard(1), biases Shard(0) and Replicate), every rank on the same batch: the forward's
+    all-reduce rounds differently from one process's matmul."""
     mesh = init_device_mesh("cpu", (world_size,))
-    for kwargs in ({"max_precond_dim": 0}, {}):
-        parallel, plain = _mlp(), _mlp()
-        parallelize_module(parallel, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
-        opt = SOAP(parallel.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
-        reference = SOAP(plain.parameters(), lr=1e-2, precondition_frequency=3, **kwargs)
-        gen = torch.Generator().manual_seed(0)
-        worst = 0.0
-        for _ in range(STEPS):
-            x, y = torch.randn(24, 12, generator=gen), torch.randn(24, 8, generator=gen)
-            losses = []
-            for model, optimizer in ((parallel, opt), (plain, reference)):
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            worst = max(worst, abs(losses[0] / losses[1] - 1))
-        diff = max((full(p) - q).abs().max().item()
-                   for p, q in zip(parallel.parameters(), plain.parameters(), strict=True))
-        if kwargs:
-            assert diff <= 1e-6, f"identity basis: parameters differ by {diff:.3g}"
-        assert worst <= 1e-2, f"{kwargs}: losses differ from one process by {worst:.2%}"
-        if rank == 0:
-            print(f"tensor-parallel MLP {kwargs or 'SOAP'}, {world_size} ranks: largest relative "
-                  f"loss difference {worst:.2g}, parameter difference {diff:.2g}")
+    harness.tracks_one_process(
+        _mlp, lambda m: parallelize_module(m, mesh, {"0": ColwiseParallel(),
+                                                    "2": RowwiseParallel()}),
+        "tensor-parallel MLP", split_batch=False)
 
 
 def test_tensor_parallel_training_tracks_one_process() -> None:
