@@ -1,7 +1,8 @@
 """Pick an optimizer by name: ``soaplab.optimizer("soap", model.parameters(), lr=3e-3)``.
 
 ``params`` may also be the model itself, any ``nn.Module``: ``muon`` and ``soap_hidden`` then
-split it by role (``soaplab.roles``: hidden matrices on Muon or SOAP, the rest on AdamW), and
+split it by role (``soaplab.roles``: hidden matrices on Muon or SOAP, the rest on AdamW),
+``soap_muon`` by role and part (SOAP on the MLP matrices, NorMuon on the attention), and
 every optimizer gets its vectors (biases, norm gains) in a group without weight decay.
 
 Experiments and the command line name optimizers as strings; this table is the one place that
@@ -46,6 +47,12 @@ def _soap_hidden(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     return SoapAdamW(params, **kw)
 
 
+def _soap_muon(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
+    from soaplab.optim.soap_muon import SoapMuon
+
+    return SoapMuon(params, **kw)
+
+
 def _kl_shampoo(params: Iterable, **kw: Any) -> torch.optim.Optimizer:
     from soaplab.optim.kl_shampoo import KLShampoo
 
@@ -66,8 +73,9 @@ class Entry:
     experiments/tuning.py) this one uses; ``frequency`` says it takes
     ``precondition_frequency`` (swept by ``--freqs``); ``distributed`` says it accepts a
     ``process_group`` (torch's optimizers do not: under DDP they run replicated);
-    ``takes_model`` says it is built from the model itself (see :func:`optimizer`); ``lr`` is
-    the learning rate used when none is given.
+    ``takes_model`` says it is built from the model itself (see :func:`optimizer`), and
+    ``parts`` that it splits the hidden matrices by their part of the block too (attention,
+    MLP: ``soaplab.roles.infer_parts``); ``lr`` is the learning rate used when none is given.
     """
 
     build: Callable[..., torch.optim.Optimizer]
@@ -77,6 +85,7 @@ class Entry:
     distributed: bool = False
     presets: Mapping[str, Any] = field(default_factory=dict)
     takes_model: bool = False  # splits the model by role (muon, soap_hidden)
+    parts: bool = False  # and its hidden matrices by part (soap_muon)
 
     def __call__(self, params: Iterable, **kwargs: Any) -> torch.optim.Optimizer:
         return self.build(params, **{**self.presets, **kwargs})
@@ -92,9 +101,10 @@ def _kronecker(build: Callable[..., torch.optim.Optimizer], family: str, **prese
 # lr: torch's Adafactor lr is a step relative to each parameter's RMS, so an AdamW-sized lr
 # barely moves a model initialized at std 0.02. The experiments always pass the lr tuned per
 # task (experiments/tasks.py). NorMuon takes Muon's (the same step RMS); KL-Shampoo twice SOAP's,
-# as on the micro GPT's lr grid (docs/optimizers.md).
+# as on the micro GPT's lr grid (docs/optimizers.md). soap_muon takes SOAP's and NorMuon's,
+# which are the same.
 _DEFAULT_LRS = {"adamw": 1e-3, "adafactor": 1e-1, "muon": 3e-3, "shampoo": 1e-3, "soap": 3e-3,
-                "normuon": 3e-3, "kl_shampoo": 6e-3}
+                "normuon": 3e-3, "kl_shampoo": 6e-3, "soap_muon": 3e-3}
 
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(torch.optim.AdamW, "adamw", _DEFAULT_LRS["adamw"]),
@@ -120,6 +130,10 @@ OPTIMIZERS: dict[str, Entry] = {
     # SOAP on the hidden matrices only, AdamW on the rest ("SOAP-H"; soaplab.optim.soap_hidden).
     "soap_hidden": Entry(_soap_hidden, "soap", _DEFAULT_LRS["soap"], frequency=True,
                          takes_model=True),
+    # SOAP on the MLP matrices, NorMuon on the attention, AdamW on the rest (modded-nanogpt's
+    # record split; soaplab.optim.soap_muon).
+    "soap_muon": Entry(_soap_muon, "soap_muon", _DEFAULT_LRS["soap_muon"], frequency=True,
+                       takes_model=True, parts=True),
 }
 
 
@@ -155,8 +169,8 @@ def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None
     if found.lr is not None:
         kwargs.setdefault("lr", found.lr)
     if isinstance(params, nn.Module):
-        grouped = role_groups if found.takes_model else decay_groups
-        params = grouped(params, kwargs.get("weight_decay"), roles)
+        params = role_groups(params, kwargs.get("weight_decay"), roles, parts=found.parts) \
+            if found.takes_model else decay_groups(params, kwargs.get("weight_decay"), roles)
     elif roles is not None:
         raise ValueError("roles= needs the model itself, not its parameters")
     return found(params, **kwargs)

