@@ -15,6 +15,7 @@ parameter's gradient at every step.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -84,13 +85,25 @@ class Composite(torch.optim.Optimizer):
         return [v for v, _ in views]
 
     def _link(self) -> None:
-        """Point the inner optimizers at this object's groups and state (again after a load,
-        which replaces both)."""
+        """Point the inner optimizers at this object's groups, and each at its own parameters'
+        entries of this object's state (again after a load, which replaces both).
+
+        Each half holds its own state dict, sharing the per-parameter entries: torch.compile
+        reads every entry of a torch optimizer's state as torch's (a tensor ``step``), which
+        SOAP's entries are not. :meth:`_gather` adds the entries a half creates."""
         n = len(self._matrix.param_groups) if self._matrix is not None else 0
-        if self._matrix is not None:
-            self._matrix.param_groups, self._matrix.state = self.param_groups[:n], self.state
-        if self._adamw is not None:
-            self._adamw.param_groups, self._adamw.state = self.param_groups[n:], self.state
+        for o, groups in ((self._matrix, self.param_groups[:n]),
+                          (self._adamw, self.param_groups[n:])):
+            if o is not None:
+                o.param_groups = groups
+                o.state = defaultdict(dict, {p: self.state[p] for g in groups
+                                             for p in g["params"] if p in self.state})
+
+    def _gather(self) -> None:
+        """Bring the state entries that the halves created into this object's state."""
+        for o in (self._matrix, self._adamw):
+            for p, entry in o.state.items() if o is not None else ():
+                self.state.setdefault(p, entry)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -105,6 +118,7 @@ class Composite(torch.optim.Optimizer):
         for o in (self._matrix, self._adamw):
             if o is not None:
                 o.step()
+        self._gather()
         return loss
 
     def _check_groups(self) -> None:
