@@ -2,6 +2,7 @@
 gradient check, and the traced step updates exactly as the eager one."""
 
 import copy
+import math
 import os
 
 import pytest
@@ -11,8 +12,8 @@ from torch import Tensor
 import soaplab
 from soaplab import SOAP, registry
 
-# inductor against eager, over three steps of the zoo (see the inductor test)
-INDUCTOR_TOLERANCE = 1e-5
+# inductor against eager, over three float64 steps of the zoo (see the inductor test)
+INDUCTOR_TOLERANCE = 1e-8
 
 
 def model_and_optimizer(**kwargs) -> tuple[torch.nn.Module, SOAP]:
@@ -71,18 +72,20 @@ class Zoo(torch.nn.Module):
         self.empty = torch.nn.Parameter(torch.randn(0, 3))
 
     def loss(self, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        x, image = torch.randn(5, 3, generator=gen), torch.randn(2, 3, 5, 5, generator=gen)
+        gen, dtype = torch.Generator().manual_seed(seed), self.vector.dtype
+        x = torch.randn(5, 3, generator=gen, dtype=dtype)
+        image = torch.randn(2, 3, 5, 5, generator=gen, dtype=dtype)
         h = self.linear(x) + self.no_bias(x) + self.embedding(torch.arange(5) % 3).sum(-1, True)
         return (h * self.vector).square().mean() * self.scalar + self.conv(image).square().mean() \
             + self.empty.sum()
 
 
-def _zoo_and_optimizer(name: str) -> tuple[Zoo, torch.optim.Optimizer, list[Tensor]]:
+def _zoo_and_optimizer(name: str, dtype: torch.dtype = torch.float32,
+                       ) -> tuple[Zoo, torch.optim.Optimizer, list[Tensor]]:
     """The zoo, its optimizer, and the parameters that torch.optim.AdamW steps (all of them
     for ``adamw``, the non-hidden half of ``muon``, ``normuon`` and ``soap_hidden``)."""
     torch.manual_seed(0)
-    model = Zoo()
+    model = Zoo().to(dtype)
     if name == "adafactor":  # torch's Adafactor divides by numel: no empty parameter
         model.empty.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,7 +99,7 @@ def _zoo_and_optimizer(name: str) -> tuple[Zoo, torch.optim.Optimizer, list[Tens
 
 
 # Without SOAPLAB_COMPILE_SWEEP=1 (make test-compile sets it) the sweep runs the first name of
-# each family, and of each composite: the whole sweep takes about 5 min of CPU.
+# each family, and of each composite: the whole sweep takes minutes (docs/benchmarks.md).
 _FIRST_OF_KIND: dict[tuple[str, bool], str] = {}
 for _name, _entry in registry.OPTIMIZERS.items():
     _FIRST_OF_KIND.setdefault((_entry.family, _entry.takes_model), _name)
@@ -118,15 +121,15 @@ def test_aot_eager_step_equals_the_eager_step_for_every_registry_name(name):
     shapes cost several times as much to compile), and no dynamo decompositions
     (``enable_dynamo_decompositions=False``): by default dynamo rewrites ``addcmul_``/
     ``addcdiv_`` with ``value=`` as a multiply and an fma, which rounds differently from the
-    fused eager kernel (Shampoo's Adam grafting then differs by up to 1.5e-8,
+    fused eager kernel (Shampoo's Adam grafting then differs in the last bits;
     ``test_aot_eager_compiles_the_steps_of_a_linear_layer`` runs that default).
 
     Everything soaplab steps is then bitwise. What torch.optim.AdamW steps is not: compiled,
     its ``_get_value`` hands the bias corrections the fp32 step tensor instead of a Python
-    float, so 1 − β^t is rounded in fp32 rather than fp64 (torch's code): up to 2.4e-7, one
-    ulp of these parameters. Nor, for ``soap_hidden``, is its SOAP half: compiled alone it is
-    bitwise, but traced in one frame with torch's AdamW half it differed by up to 3e-8 (its
-    factors from the first real step on); the cause is not found."""
+    float, so 1 − β^t is rounded in fp32 rather than fp64 (torch's code): about one ulp of
+    these parameters (printed with pytest -s). Nor, for ``soap_hidden``, is its SOAP half:
+    compiled alone it is bitwise, but traced in one frame with torch's AdamW half its factors
+    differ in the last bits from the first real step on; the cause is not found."""
     torch._dynamo.reset()
     (model, opt, by_adamw), (twin, twin_opt, _) = (_zoo_and_optimizer(name),
                                                    _zoo_and_optimizer(name))
@@ -158,14 +161,20 @@ def _largest_difference(model: torch.nn.Module, twin: torch.nn.Module) -> float:
 @pytest.mark.skipif(not os.environ.get("SOAPLAB_COMPILE_SWEEP"),
                     reason="inductor compiles C++ for minutes on CPU: run with "
                            "SOAPLAB_COMPILE_SWEEP=1 (make test-compile)")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", ["soap", "shampoo"])
-def test_inductor_step_follows_the_eager_step(name):
-    """inductor (the default backend) on the zoo, over the same three steps, with no fallback
-    to eager. Not bitwise: inductor fuses elementwise chains into C++ loops that round
-    differently (fma, reassociated reductions), and the eigenbases amplify that. The bound is
-    100× the largest difference measured (printed with pytest -s; docs/benchmarks.md)."""
+def test_inductor_step_follows_the_eager_step(name, dtype):
+    """inductor (the default backend) on the zoo, over the same three steps, with no
+    fallback to eager. Not bitwise: inductor fuses elementwise chains into C++ loops that
+    round differently (fma, reassociated reductions), and the refresh amplifies that: in
+    float32, Shampoo's inverse fourth roots of these near-singular factors turn it into
+    about 1e-2 after the first refresh, so float32 is only checked to compile and stay
+    finite. float64 shrinks the difference by as much as its precision grows, which says it
+    is rounding, not other maths: there it is held to INDUCTOR_TOLERANCE, 100× the largest
+    measured (both printed with pytest -s; docs/benchmarks.md)."""
     torch._dynamo.reset()
-    (model, opt, _), (twin, twin_opt, _) = _zoo_and_optimizer(name), _zoo_and_optimizer(name)
+    (model, opt, _), (twin, twin_opt, _) = (_zoo_and_optimizer(name, dtype),
+                                            _zoo_and_optimizer(name, dtype))
     compiled = torch.compile(twin_opt.step)
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
                                     automatic_dynamic_shapes=False):
@@ -176,8 +185,10 @@ def test_inductor_step_follows_the_eager_step(name):
             opt.step()
             compiled()
     worst = _largest_difference(model, twin)
-    print(f"{name} (inductor): largest difference {worst:.3g}")
-    assert worst <= INDUCTOR_TOLERANCE, f"{name}: inductor differs from eager by {worst:.3g}"
+    print(f"{name} (inductor, {dtype}): largest difference {worst:.3g}")
+    assert math.isfinite(worst)
+    if dtype == torch.float64:
+        assert worst <= INDUCTOR_TOLERANCE, f"{name}: inductor differs from eager by {worst:.3g}"
     torch._dynamo.reset()
 
 
