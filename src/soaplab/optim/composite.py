@@ -6,7 +6,8 @@ other role to AdamW), or by the flags other libraries use: ``use_muon`` (Keller 
 pytorch_optimizer, DeepSpeed) and ``use_fallback`` (timm). A model instead of groups is split by
 ``soaplab.roles``.
 
-The two inner optimizers share this object's ``param_groups`` and ``state``, so schedulers,
+The two inner optimizers share this object's ``param_groups`` and per-parameter ``state``
+entries (each half keeps them in its own dict, see ``_link``), so schedulers,
 ``zero_grad``, ``state_dict`` and ``load_state_dict`` see one optimizer, and each half steps
 exactly as the optimizer it wraps. A half that needs another shape (Muon's 2-D matrices, one
 per expert of a 3-D stack) steps views of the parameters, made here and handed their
