@@ -118,7 +118,7 @@ def test_aot_eager_step_equals_the_eager_step_for_every_registry_name(name):
     host reads (matrix-function checks), so each bucket compiles its own graphs, and the limit
     must cover them (docs/benchmarks.md, "torch.compile").
 
-    Two dynamo settings, neither of which changes what runs compiled: static shapes
+    Two dynamo settings, neither of which lets any of the step run eagerly: static shapes
     (``automatic_dynamic_shapes=False``; each bucket's shapes never change, and symbolic
     shapes cost several times as much to compile), and no dynamo decompositions
     (``enable_dynamo_decompositions=False``): by default dynamo rewrites ``addcmul_``/
