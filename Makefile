@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: setup test test-fast test-mesh main lint bench photos
+.PHONY: setup test test-fast test-mesh test-compile main lint bench photos
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -28,6 +28,12 @@ test-mesh: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow"
+
+# torch.compile in full: the aot_eager sweep over every registry name (`make test` runs the
+# first name of each family) and inductor for soap and shampoo. Minutes of compiling on CPU
+# (docs/benchmarks.md, "torch.compile").
+test-compile: $(STAMP)
+	SOAPLAB_COMPILE_SWEEP=1 $(PY) -m pytest tests/optim/test_compile.py -s --durations=0
 
 # A fresh comparison each time: --overwrite moves an earlier runs/compare-lm aside (to
 # runs/compare-lm.old-<UTC time>) instead of refusing it. Continue a killed run with

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -83,6 +84,46 @@ def _rebinding(rank: int, world_size: int) -> None:
 
 def test_optimizer_rebound_to_fsdp2_dtensors_trains_like_one_built_after_sharding() -> None:
     harness.spawn(_rebinding, 2)
+
+
+def _deep_mlp() -> torch.nn.Sequential:
+    """An input layer, a hidden matrix, a head and a norm: both halves of a composite."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                               torch.nn.Tanh(), torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+
+
+def _composites_rebound(rank: int, world_size: int) -> None:
+    """The composites built from the model (role groups), rebound as accelerate does:
+    soap_hidden trains like the one built after sharding, muon refuses in one line."""
+    def build(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+        kw = {"precondition_frequency": 2} if soaplab.registry.entry(name).frequency else {}
+        return soaplab.optimizer(name, model, lr=1e-2, **kw)
+
+    for name in ("soap_hidden", "muon"):
+        model = _deep_mlp()
+        opt = build(name, model)
+        pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
+        _shard(model)
+        mapping = {pointers[n]: p for n, p in model.named_parameters()}
+        for group in opt.param_groups:
+            group["params"] = [mapping[p.data_ptr()] for p in group["params"]]
+        if name == "muon":
+            with pytest.raises(ValueError, match="^muon does not support FSDP2's sharded") as e:
+                _train(model, opt, range(1))
+            assert "\n" not in str(e.value)
+            continue
+        built_after = _shard(_deep_mlp())
+        reference = build(name, built_after)
+        _train(model, opt, range(4))
+        _train(built_after, reference, range(4))
+        diff = max((p - q).abs().max().item()
+                   for p, q in zip(_params(model), _params(built_after), strict=True))
+        assert diff == 0, f"{name}: rebound after fully_shard differs by {diff:.3g}"
+
+
+def test_composites_rebound_to_fsdp2_dtensors_train_like_built_after_or_refuse() -> None:
+    harness.spawn(_composites_rebound, 2)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ any other role to AdamW), or by the flags other libraries use: ``use_muon`` (Kel
 pytorch_optimizer, DeepSpeed) and ``use_fallback`` (timm). A model instead of groups is split by
 ``soaplab.roles``.
 
-The two inner optimizers share this object's ``param_groups`` and ``state``, so schedulers,
+The two inner optimizers share this object's ``param_groups`` and per-parameter ``state``
+entries (each half keeps them in its own dict, see ``_link``), so schedulers,
 ``zero_grad``, ``state_dict`` and ``load_state_dict`` see one optimizer, and each half steps
 exactly as the optimizer it wraps. A half that needs another shape (Muon's 2-D matrices, one
 per expert of a 3-D stack) steps views of the parameters, made here and handed their
@@ -17,6 +18,7 @@ parameter's gradient at every step.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,13 +107,25 @@ class Composite(torch.optim.Optimizer):
         return [v for v, _ in views]
 
     def _link(self) -> None:
-        """Point the inner optimizers at this object's groups and state (again after a load,
-        which replaces both)."""
+        """Point the inner optimizers at this object's groups, and each at its own parameters'
+        entries of this object's state (again after a load, which replaces both).
+
+        Each half holds its own state dict, sharing the per-parameter entries: torch.compile
+        reads every entry of a torch optimizer's state as torch's (a tensor ``step``), which
+        SOAP's entries are not. :meth:`_gather` adds the entries a half creates."""
         start = 0
         for o in self._inner:
-            n = len(o.param_groups)
-            o.param_groups, o.state = self.param_groups[start:start + n], self.state
-            start += n
+            groups = self.param_groups[start:start + len(o.param_groups)]
+            start += len(groups)
+            o.param_groups = groups
+            o.state = defaultdict(dict, {p: self.state[p] for g in groups
+                                         for p in g["params"] if p in self.state})
+
+    def _gather(self) -> None:
+        """Bring the state entries that the halves created into this object's state."""
+        for o in self._inner:
+            for p, entry in o.state.items():
+                self.state.setdefault(p, entry)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -125,6 +139,7 @@ class Composite(torch.optim.Optimizer):
             view.grad = None if grad is None else grad.view(view.shape)
         for o in self._inner:
             o.step()
+        self._gather()
         return loss
 
     def _check_groups(self) -> None:
