@@ -61,25 +61,35 @@ def _rebound(name: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     then the DTensors swapped into its groups by data pointer
     (``fsdp2_switch_optimizer_parameters``)."""
     model = _mlp()
-    opt = _optimizer(name, model)
+    return model, _shard_and_rebind(model, _optimizer(name, model))
+
+
+def _shard_and_rebind(model: torch.nn.Module, opt: torch.optim.Optimizer
+                      ) -> torch.optim.Optimizer:
+    """fully_shard ``model``, then swap its DTensors into ``opt``'s groups by data pointer."""
     pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
     _shard(model)
     mapping = {pointers[n]: p for n, p in model.named_parameters()}
     for group in opt.param_groups:
         group["params"] = [mapping[p.data_ptr()] for p in group["params"]]
-    return model, opt
+    return opt
+
+
+def _assert_trains_like(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        built_after: torch.nn.Module, reference: torch.optim.Optimizer) -> None:
+    """Four steps of each: the rebound optimizer equals the one built after sharding."""
+    _train(model, opt, range(4))
+    _train(built_after, reference, range(4))
+    diff = max((p - q).abs().max().item()
+               for p, q in zip(_params(model), _params(built_after), strict=True))
+    assert diff == 0, f"{name}: rebound after fully_shard differs by {diff:.3g}"
 
 
 def _rebinding(rank: int, world_size: int) -> None:
     for name in NAMES:
         model, opt = _rebound(name)
         built_after = _shard(_mlp())
-        reference = _optimizer(name, built_after)
-        _train(model, opt, range(4))
-        _train(built_after, reference, range(4))
-        diff = max((p - q).abs().max().item()
-                   for p, q in zip(_params(model), _params(built_after), strict=True))
-        assert diff == 0, f"{name}: rebound after fully_shard differs by {diff:.3g}"
+        _assert_trains_like(name, model, opt, built_after, _optimizer(name, built_after))
 
 
 def test_optimizer_rebound_to_fsdp2_dtensors_trains_like_one_built_after_sharding() -> None:
@@ -102,24 +112,14 @@ def _composites_rebound(rank: int, world_size: int) -> None:
 
     for name in ("soap_hidden", "muon"):
         model = _deep_mlp()
-        opt = build(name, model)
-        pointers = {n: p.data_ptr() for n, p in model.named_parameters()}
-        _shard(model)
-        mapping = {pointers[n]: p for n, p in model.named_parameters()}
-        for group in opt.param_groups:
-            group["params"] = [mapping[p.data_ptr()] for p in group["params"]]
+        opt = _shard_and_rebind(model, build(name, model))
         if name == "muon":
             with pytest.raises(ValueError, match="^muon does not support FSDP2's sharded") as e:
                 _train(model, opt, range(1))
             assert "\n" not in str(e.value)
             continue
         built_after = _shard(_deep_mlp())
-        reference = build(name, built_after)
-        _train(model, opt, range(4))
-        _train(built_after, reference, range(4))
-        diff = max((p - q).abs().max().item()
-                   for p, q in zip(_params(model), _params(built_after), strict=True))
-        assert diff == 0, f"{name}: rebound after fully_shard differs by {diff:.3g}"
+        _assert_trains_like(name, model, opt, built_after, build(name, built_after))
 
 
 def test_composites_rebound_to_fsdp2_dtensors_train_like_built_after_or_refuse() -> None:

@@ -4,6 +4,7 @@ gradient check, and the traced step updates exactly as the eager one."""
 import copy
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -135,19 +136,8 @@ def test_aot_eager_step_equals_the_eager_step_for_every_registry_name(name):
     compiled alone it is bitwise, but traced in one frame with torch's AdamW half its factors
     differ in the last bits from the first real step on; the cause is not found (``soap_muon``'s
     SOAP half is held to the same bound)."""
-    torch._dynamo.reset()
-    (model, opt, by_adamw), (twin, twin_opt, _) = (_zoo_and_optimizer(name),
-                                                   _zoo_and_optimizer(name))
-    compiled = torch.compile(twin_opt.step, backend="aot_eager")
-    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
-                                    automatic_dynamic_shapes=False,
-                                    enable_dynamo_decompositions=False):
-        for seed in range(3):
-            for m in (model, twin):
-                m.zero_grad()
-                m.loss(seed).backward()
-            opt.step()
-            compiled()
+    model, twin, by_adamw = _eager_and_compiled(name, torch.float32, backend="aot_eager",
+                                                enable_dynamo_decompositions=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         if any(p is a for a in by_adamw) or name in ("soap_hidden", "soap_muon"):
@@ -156,6 +146,26 @@ def test_aot_eager_step_equals_the_eager_step_for_every_registry_name(name):
             assert torch.equal(p, q)
     print(f"{name}: largest difference {_largest_difference(model, twin):.3g}")  # pytest -s
     torch._dynamo.reset()
+
+
+def _eager_and_compiled(name: str, dtype: torch.dtype, backend: str, **config: Any
+                        ) -> tuple[Zoo, Zoo, list[Tensor]]:
+    """Two zoos after the same three steps (the first, an ordinary one, a refresh), one eager
+    and one compiled with ``backend``; static shapes, and a hit recompile limit raises instead
+    of falling back to eager. Also the parameters torch's AdamW steps."""
+    torch._dynamo.reset()
+    (model, opt, by_adamw), (twin, twin_opt, _) = (_zoo_and_optimizer(name, dtype),
+                                                   _zoo_and_optimizer(name, dtype))
+    compiled = torch.compile(twin_opt.step, backend=backend)
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
+                                    automatic_dynamic_shapes=False, **config):
+        for seed in range(3):
+            for m in (model, twin):
+                m.zero_grad()
+                m.loss(seed).backward()
+            opt.step()
+            compiled()
+    return model, twin, by_adamw
 
 
 def _largest_difference(model: torch.nn.Module, twin: torch.nn.Module) -> float:
@@ -178,18 +188,7 @@ def test_inductor_step_follows_the_eager_step(name, dtype):
     is rounding, not other maths: there it is held to INDUCTOR_TOLERANCE, float32's
     difference scaled to float64's precision (both printed with pytest -s;
     docs/benchmarks.md)."""
-    torch._dynamo.reset()
-    (model, opt, _), (twin, twin_opt, _) = (_zoo_and_optimizer(name, dtype),
-                                            _zoo_and_optimizer(name, dtype))
-    compiled = torch.compile(twin_opt.step)
-    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True,
-                                    automatic_dynamic_shapes=False):
-        for seed in range(3):
-            for m in (model, twin):
-                m.zero_grad()
-                m.loss(seed).backward()
-            opt.step()
-            compiled()
+    model, twin, _ = _eager_and_compiled(name, dtype, backend="inductor")
     worst = _largest_difference(model, twin)
     print(f"{name} (inductor, {dtype}): largest difference {worst:.3g}")
     assert math.isfinite(worst)
