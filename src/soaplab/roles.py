@@ -275,8 +275,12 @@ def infer_parts(model: nn.Module, overrides: Mapping[str, str] | None = None
                 ) -> dict[str, Part]:
     """``{name: Part}`` for every parameter whose role is ``hidden`` or ``stack`` (see the
     module docstring); ``overrides`` are the roles' (:func:`infer_roles`)."""
+    return _parts(model, infer_roles(model, overrides))
+
+
+def _parts(model: nn.Module, roles: Mapping[str, Role]) -> dict[str, Part]:
+    """:func:`infer_parts` given the model's roles (callers that have them infer them once)."""
     model = unwrap(model)
-    roles = infer_roles(model, overrides)
     named = dict(model.named_parameters())
     structure = _blocks(model)
     parts = {}
@@ -383,7 +387,7 @@ def role_groups(model: nn.Module, weight_decay: float | None = None,
     With ``parts`` (``soap_muon``), the hidden and stack groups are split by their part of the
     block (:func:`infer_parts`), which each such group names as ``part``."""
     roles = infer_roles(model, overrides)
-    where = infer_parts(model, overrides) if parts else {}
+    where = _parts(model, roles) if parts else {}
     named = dict(unwrap(model).named_parameters())
     split_vectors = weight_decay != 0
     by_key: dict[tuple[str, str | None], list[torch.Tensor]] = {}
@@ -416,11 +420,12 @@ def describe_roles(model: nn.Module, optimizer_name: str,
     routes = opt.routes() if hasattr(opt, "routes") else \
         ((p, opt, g) for g in opt.param_groups for p in g["params"])
     route = {id(p): (type(o).__name__, g.get("weight_decay", 0.0)) for p, o, g in routes}
-    where = infer_parts(model, overrides) if entry(optimizer_name).parts else None
+    roles = infer_roles(model, overrides)
+    where = _parts(model, roles) if entry(optimizer_name).parts else None
     rows = [("parameter", "shape", "role", "evidence") + (("part",) if where is not None else ())
             + ("optimizer", "weight decay")]
     named = dict(unwrap(model).named_parameters())
-    for name, r in infer_roles(model, overrides).items():
+    for name, r in roles.items():
         updater, decay = route[id(named[name])]
         part = where.get(name) if where is not None else None
         column = (f"{part.part} ({part.evidence}{'?' if part.guessed else ''})" if part else "",)
