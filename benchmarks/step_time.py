@@ -35,6 +35,7 @@ cache makes later runs faster); ``--heavyball eager`` turns compilation off and 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -91,16 +92,21 @@ def draw_grads(shapes: list[Shape], count: int, device: torch.device,
 
 
 # -- contestants ---------------------------------------------------------------------------------
+def _muon(ps: list[Tensor], ns_dtype: str) -> torch.optim.Optimizer:
+    """Muon on the blocks' matrices, AdamW on the two embeddings (first in gpt_shapes) and the
+    vectors; its Newton–Schulz in bfloat16 (``muon``, torch's) or float32 (``muon_fp32``)."""
+    return soaplab.optimizer("muon", [
+        {"params": [p for p in ps[2:] if p.dim() == 2], "role": "hidden"},
+        {"params": ps[:2] + [p for p in ps[2:] if p.dim() != 2], "role": "other"}],
+        betas=(0.9, 0.95), ns_dtype=ns_dtype, **COMMON)
+
+
 def builders(heavyball_mode: str) -> dict[str, Builder | str]:
     """Name -> constructor, or -> the reason it is skipped."""
     table: dict[str, Builder | str] = {
         "adamw": lambda ps: torch.optim.AdamW(ps, betas=(0.9, 0.95), foreach=True, **COMMON),
-        # Muon on the blocks' matrices; AdamW on the two embeddings (first in gpt_shapes) and
-        # the vectors
-        "muon": lambda ps: soaplab.optimizer("muon", [
-            {"params": [p for p in ps[2:] if p.dim() == 2], "role": "hidden"},
-            {"params": ps[:2] + [p for p in ps[2:] if p.dim() != 2], "role": "other"}],
-            betas=(0.9, 0.95), **COMMON)}
+        "muon": functools.partial(_muon, ns_dtype="bfloat16"),
+        "muon_fp32": functools.partial(_muon, ns_dtype="float32")}
     for name in SOAPLAB + tuple(STORAGE):
         kw = SOAP_KW if name.startswith("soap") else dict(
             precondition_frequency=FREQ, betas=(0.9, 0.95), shampoo_beta=0.95)

@@ -158,7 +158,7 @@ def optimizer(name: str, params: Iterable | nn.Module, process_group: Any = None
     optimizers, which then split their preconditioner work across its ranks (see
     docs/distributed.md). torch's optimizers (AdamW, Adafactor) have no such mode and ignore
     it: they run replicated, every rank doing the same update on the same all-reduced gradient.
-    So do ``muon`` (torch.optim.Muon and AdamW) and ``soap_hidden``.
+    So do ``muon`` (Muon and AdamW) and ``soap_hidden``.
 
     ``roles`` (with a model): ``{glob on parameter names: role}`` that override the inferred
     roles (see ``soaplab.roles``; ``soaplab.describe_roles`` shows the outcome).

@@ -89,6 +89,13 @@ def test_variants_use_their_familys_tuned_lr_and_settings():
     assert uses_frequency("soap_eigh") and not uses_frequency("adafactor")
 
 
+def test_ns_dtype_reaches_only_the_newton_schulz_optimizers():
+    assert optimizer_kwargs("normuon", None, "float32")["ns_dtype"] == "float32"
+    assert optimizer_kwargs("soap_muon", 10, "float32")["ns_dtype"] == "float32"
+    assert "ns_dtype" not in optimizer_kwargs("soap", 10, "float32")
+    assert "ns_dtype" not in optimizer_kwargs("muon", None)
+
+
 def test_compare_sweeps_batch_sizes_and_summarizes_seeds(tmp_path):
     code = main(["compare", "lm", "--size", "micro", "--steps", "30", "--optimizers",
                  "adamw,muon,soap", "--batch-sizes", "8,16", "--seeds", "0,1", "--eval-every",

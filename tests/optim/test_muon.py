@@ -9,7 +9,7 @@ from torch import nn
 import soaplab
 from soaplab.experiments.models.colorizer import Colorizer
 from soaplab.experiments.models.gpt import GPT, GPTConfig
-from soaplab.optim.muon import MuonAdamW
+from soaplab.optim.muon import NS_DTYPES, Muon, MuonAdamW, orthogonalize
 from soaplab.roles import role_groups
 
 KW = dict(lr=0.02, weight_decay=0.01, momentum=0.9)
@@ -88,3 +88,63 @@ def test_roles_come_from_names(model):
 def test_muon_without_roles_is_a_clear_error():
     with pytest.raises(ValueError, match="muon needs parameter roles"):
         soaplab.optimizer("muon", [nn.Parameter(torch.randn(3, 3))])
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)], ids=["tall", "wide", "square"])
+def test_orthogonalize_in_bfloat16_is_torchs_newton_schulz_bit_for_bit(shape):
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
+
+    U = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ours = orthogonalize(U, 5, torch.bfloat16)
+    assert ours.dtype == U.dtype
+    assert torch.equal(ours, _zeropower_via_newtonschulz(U, (DEFAULT_A, DEFAULT_B, DEFAULT_C), 5,
+                                                         EPS).float())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7)], ids=["tall", "wide"])
+def test_orthogonalize_maps_singular_values_by_the_quintic(float64, shape, dtype, tol):
+    """Against an explicit SVD: U = P diag(s) Qᵀ goes to P diag(p⁵(s/‖U‖_F)) Qᵀ with
+    p(x) = a x + b x³ + c x⁵, the iteration's polynomial."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C
+
+    a, b, c = DEFAULT_A, DEFAULT_B, DEFAULT_C
+    U = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    P, s, Qh = torch.linalg.svd(U, full_matrices=False)
+    x = s / s.square().sum().sqrt()
+    for _ in range(5):
+        x = a * x + b * x**3 + c * x**5
+    expected = P @ torch.diag(x) @ Qh
+    assert (orthogonalize(U, 5, dtype) - expected).abs().max() < tol
+
+
+def test_float32_newton_schulz_steps_as_bfloat16_within_its_rounding():
+    """ns_dtype only changes the precision of the orthogonalization: one step from the same
+    gradient moves the weights by the same matrix up to the rounding that five bfloat16
+    iterations accumulate (8 significant bits each: a few per cent)."""
+    gen = torch.Generator().manual_seed(3)
+    W0, G = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    moved = {}
+    for dtype in NS_DTYPES:
+        p = nn.Parameter(W0.clone())
+        p.grad = G.clone()
+        Muon([p], lr=0.1, weight_decay=0.0, ns_dtype=dtype).step()
+        moved[dtype] = p.detach() - W0
+    exact = nn.Parameter(W0.double())
+    exact.grad = G.double()
+    Muon([exact], lr=0.1, weight_decay=0.0, ns_dtype="float32").step()
+    assert torch.allclose(moved["float32"].double(), exact.detach() - W0.double(), atol=1e-6)
+    gap = (moved["bfloat16"] - moved["float32"]).norm() / moved["float32"].norm()
+    assert 0 < gap < 0.05
+
+
+@pytest.mark.parametrize("name", ["muon", "normuon", "soap_muon"])
+def test_ns_dtype_reaches_the_newton_schulz_half(name):
+    opt = soaplab.optimizer(name, GPT(GPTConfig.preset("micro", 11)), ns_dtype="float32")
+    dtypes = {g.get("ns_dtype") for g in opt.param_groups}
+    assert "float32" in dtypes and "bfloat16" not in dtypes
+
+
+def test_an_unknown_ns_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="ns_dtype must be one of 'bfloat16', 'float32'"):
+        Muon([nn.Parameter(torch.randn(3, 3))], ns_dtype="float16")

@@ -40,7 +40,7 @@ def _oracle(W0, grads, lr, wd, mu, beta2, nesterov, eps):
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 5), (4, 2, 2, 2)])
 def test_update_matches_a_dense_float64_oracle(float64, monkeypatch, shape, nesterov):
-    monkeypatch.setattr(normuon, "orthogonalize", lambda U, steps: _polar(U))
+    monkeypatch.setattr(normuon, "orthogonalize", lambda U, steps, dtype: _polar(U))
     gen = torch.Generator().manual_seed(0)
     W0 = torch.randn(shape, generator=gen)
     # rows of very different scales: the per-row second moment matters

@@ -50,6 +50,7 @@ class CompareConfig:
     overwrite: bool = False
     reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
     against: str | None = None  # a paired-seed section against this optimizer (report only)
+    ns_dtype: str | None = None  # Muon-type optimizers' Newton–Schulz dtype (None: bfloat16)
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -58,6 +59,7 @@ class CompareConfig:
                 "train": {k: v for k, v in train.items() if k not in PER_RUN},
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
                 "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths,
+                **({"ns_dtype": self.ns_dtype} if self.ns_dtype else {}),
                 # only when swept, so that folders made before these sweeps still resume
                 **{k.flag: getattr(self, k.flag) for k in tuning.KNOBS if getattr(self, k.flag)}}
 
@@ -243,7 +245,7 @@ def _train(cfg: CompareConfig, run: Run) -> TrainConfig:
     length = {} if run.steps is None else {"steps": run.steps,
                                            "warmup": min(cfg.train.warmup, run.steps)}
     return replace(cfg.train, optimizer=run.optimizer, lr=run.lr, seed=run.seed,
-                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq,
+                   optimizer_kwargs=tuning.optimizer_kwargs(run.optimizer, run.freq, cfg.ns_dtype,
                                                             **run.knobs), **length)
 
 

@@ -82,12 +82,21 @@ KNOBS = (
 )
 
 
-def optimizer_kwargs(name: str, freq: int | None, **knobs: float | None) -> dict[str, Any]:
-    """The settings of ``name`` in a comparison: its family's (``COMMON``), its frequency, and
-    the swept ``knobs`` (by ``Knob.name``; None keeps the family's)."""
+# The families with a Newton–Schulz iteration, whose dtype ``--ns-dtype`` sets
+# (soaplab.optim.muon: float32 where bfloat16 matmuls are slow).
+NEWTON_SCHULZ = ("muon", "normuon", "soap_muon")
+
+
+def optimizer_kwargs(name: str, freq: int | None, ns_dtype: str | None = None,
+                     **knobs: float | None) -> dict[str, Any]:
+    """The settings of ``name`` in a comparison: its family's (``COMMON``), its frequency, its
+    Newton–Schulz dtype (None: the optimizer's, torch's bfloat16), and the swept ``knobs`` (by
+    ``Knob.name``; None keeps the family's)."""
     kwargs = dict(COMMON.get(entry(name).family, {}))
     if freq is not None:
         kwargs["precondition_frequency"] = freq
+    if ns_dtype is not None and entry(name).family in NEWTON_SCHULZ:
+        kwargs["ns_dtype"] = ns_dtype
     for knob in KNOBS:
         if knobs.get(knob.name) is not None:
             knob.set(kwargs, knobs[knob.name])

@@ -1,6 +1,6 @@
 """One optimizer object made of several: matrix optimizers on hidden matrices, AdamW on the rest.
 
-``muon`` (torch's Muon), ``normuon`` and ``soap_hidden`` (soaplab's SOAP) are built this way with
+``muon`` (Muon), ``normuon`` and ``soap_hidden`` (soaplab's SOAP) are built this way with
 one matrix optimizer, ``soap_muon`` with two (SOAP on the MLP, NorMuon on the other matrices).
 Groups say which half takes them by ``role`` (``"hidden"`` and ``"stack"`` go to a matrix
 optimizer, the first whose ``Half.takes`` accepts the group, e.g. by its ``part``, else the last;

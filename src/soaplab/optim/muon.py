@@ -1,4 +1,4 @@
-"""Muon as it is normally used: torch.optim.Muon on the hidden weight matrices, AdamW on the rest.
+"""Muon as it is normally used: Muon on the hidden weight matrices, AdamW on the rest.
 
 Which parameters are hidden matrices is said by roles (``soaplab.roles``), not guessed from
 shapes (a tied embedding/head is 2-D too, and Muon on it hurts): role ``"hidden"`` gets Muon,
@@ -10,18 +10,106 @@ as the matrix ``(out, in * kh * kw)``, as in Keller Jordan's CIFAR runs.
 drives both halves: Muon's update is rescaled with ``adjust_lr_fn="match_rms_adamw"`` (RMS
 0.2, Moonlight's rule) so that an AdamW learning rate suits it, and a scheduler's factor
 reaches both.
+
+``Muon`` is torch.optim.Muon's update, step for step (equal bit for bit: tests/optim/test_muon.py),
+with one choice added: the dtype of the Newton–Schulz iteration. torch computes it in bfloat16,
+which is fast on GPUs and on CPUs with native bfloat16, but on a CPU without it (AVX2 only)
+each bfloat16 matmul is emulated, 25–50× slower than float32 (docs/optimizers.md), and Muon's
+step then costs more than the rest of training. ``ns_dtype="float32"`` computes it in float32
+there: more exact, and no longer torch's numbers bit for bit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 
+from soaplab.optim._checks import check_beta, check_choice, check_int, check_lr, check_nonnegative
 from soaplab.optim.composite import Composite, Half
 from soaplab.roles import STACK
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ADJUST_LR = {"original": lambda m, n: math.sqrt(max(1, m / n)),
+             "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n))}
+
+
+def orthogonalize(U: Tensor, steps: int = DEFAULT_NS_STEPS, dtype: torch.dtype = torch.bfloat16,
+                  coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                  eps: float = EPS) -> Tensor:
+    """Muon's quintic Newton–Schulz iteration on the matrix ``U``, computed in ``dtype`` (torch's
+    is bfloat16) and returned in U's dtype: U/‖U‖_F, then X ← aX + (bXXᵀ + c(XXᵀ)²)X, which
+    maps every singular value s to a·s + b·s³ + c·s⁵ and keeps the singular vectors."""
+    a, b, c = coefficients
+    tall = U.size(0) > U.size(1)
+    X = U.to(dtype)
+    X = X.T if tall else X
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = X @ X.T
+        X = torch.addmm(X, torch.addmm(gram, gram, gram, beta=b, alpha=c), X, beta=a)
+    return (X.T if tall else X).to(U.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's algorithm on 2-D parameters, with the Newton–Schulz dtype to choose.
+
+    Args: as torch.optim.Muon (lr, weight_decay decoupled, momentum, nesterov, ns_coefficients,
+    eps, ns_steps, adjust_lr_fn: ``"original"`` √max(1, m/n) or ``"match_rms_adamw"``
+    0.2·√max(m, n)), and ``ns_dtype``: ``"bfloat16"`` (torch's) or ``"float32"``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1,
+                 momentum: float = 0.95, nesterov: bool = True,
+                 ns_coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                 eps: float = EPS, ns_steps: int = DEFAULT_NS_STEPS,
+                 adjust_lr_fn: str | None = None, ns_dtype: str = "bfloat16") -> None:
+        check_lr(lr)
+        check_nonnegative("weight_decay", weight_decay)
+        check_beta("momentum", momentum)
+        check_nonnegative("eps", eps)
+        check_int("ns_steps", ns_steps, 1)
+        check_choice("adjust_lr_fn", adjust_lr_fn, (None, *ADJUST_LR))
+        check_choice("ns_dtype", ns_dtype, NS_DTYPES)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_coefficients=ns_coefficients,
+                                      eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                                      ns_dtype=ns_dtype))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon updates 2-D matrices; got a parameter of shape "
+                                     f"{tuple(p.shape)}: give it to AdamW (role other than "
+                                     "'hidden')")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        G, state, mu = p.grad, self.state[p], group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(G)
+        M = state["momentum_buffer"].lerp_(G, 1 - mu)
+        dtype = NS_DTYPES[group.get("ns_dtype", "bfloat16")]  # torch.optim.Muon's state has none
+        O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"], dtype,
+                          group["ns_coefficients"], group["eps"])
+        lr = group["lr"]
+        scale = ADJUST_LR[group["adjust_lr_fn"] or "original"](*p.shape)
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(O, alpha=-lr * scale)
 
 
 def matrices(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
@@ -32,16 +120,16 @@ def matrices(p: Tensor, role: str) -> list[tuple[Tensor, int | None]] | None:
 
 
 class MuonAdamW(Composite):
-    """torch.optim.Muon on ``role="hidden"``/``"stack"`` groups, torch.optim.AdamW on the
-    others; one object (see ``soaplab.optim.composite``)."""
+    """Muon on ``role="hidden"``/``"stack"`` groups, torch.optim.AdamW on the others; one
+    object (see ``soaplab.optim.composite``)."""
 
     def __init__(self, params: nn.Module | Iterable[dict[str, Any]], lr: float = 3e-3,
                  weight_decay: float = 0.0, momentum: float = 0.95,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 adjust_lr_fn: str = "match_rms_adamw") -> None:
+                 adjust_lr_fn: str = "match_rms_adamw", ns_dtype: str = "bfloat16") -> None:
         def muon(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            return torch.optim.Muon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                    adjust_lr_fn=adjust_lr_fn)
+            return Muon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
 
         super().__init__("muon", params, [Half(muon, matrices)], lr=lr,
                          weight_decay=weight_decay, betas=betas, eps=eps, shards=False)

@@ -12,7 +12,8 @@ matrix W (m×n; a conv kernel is seen as (out, in·kh·kw)) with gradient G:
     \hat O_t = O_t / (\sqrt{v_t} + ε) \ \text{(row by row)},
     W_t = (1 - ηλ) W_{t-1} - η\, \frac{0.2 \sqrt{mn}}{\lVert \hat O_t \rVert_F}\, \hat O_t .
 
-NS₅ is torch.optim.Muon's Newton–Schulz iteration (run in bf16, as torch runs it). The step
+NS₅ is torch.optim.Muon's Newton–Schulz iteration (``soaplab.optim.muon.orthogonalize``), in
+bfloat16 as torch runs it or, with ``ns_dtype="float32"``, in float32 (see ``muon``). The step
 has RMS 0.2·η exactly: the paper's rule, and the RMS that Muon's ``match_rms_adamw`` gives, so
 one AdamW-scale lr drives both halves. (The authors' released code instead keeps ‖O‖_F and
 scales by √max(1, m/n), Keller Jordan's rule; that is this step times a constant per shape.)
@@ -32,28 +33,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim._muon import (
-    DEFAULT_A,
-    DEFAULT_B,
-    DEFAULT_C,
-    DEFAULT_NS_STEPS,
-    EPS,
-    _zeropower_via_newtonschulz,
-)
+from torch.optim._muon import DEFAULT_NS_STEPS
 
-from soaplab.optim._checks import check_beta, check_int, check_lr, check_nonnegative
+from soaplab.optim._checks import check_beta, check_choice, check_int, check_lr, check_nonnegative
 from soaplab.optim.composite import Composite, Half
-from soaplab.optim.muon import matrices
+from soaplab.optim.muon import NS_DTYPES, matrices, orthogonalize
 
 __all__ = ["NorMuon", "NorMuonAdamW"]
 
 RMS = 0.2  # the step's RMS over the lr, AdamW's typical update RMS (Moonlight's rule)
-
-
-def orthogonalize(U: Tensor, steps: int) -> Tensor:
-    """torch.optim.Muon's Newton–Schulz orthogonalization of the matrix ``U``, in U's dtype."""
-    return _zeropower_via_newtonschulz(U, (DEFAULT_A, DEFAULT_B, DEFAULT_C), steps, EPS).to(
-        U.dtype)
 
 
 class NorMuon(torch.optim.Optimizer):
@@ -63,21 +51,24 @@ class NorMuon(torch.optim.Optimizer):
         params: parameters or param groups. lr: learning rate (AdamW scale: the step's RMS is
             0.2·lr). weight_decay: decoupled. momentum: μ. beta2: β₂ of the per-row second
             moment. nesterov: Nesterov momentum (as torch.optim.Muon). eps: added to √v.
-        ns_steps: Newton–Schulz iterations.
+        ns_steps: Newton–Schulz iterations. ns_dtype: their dtype, ``"bfloat16"``
+            (torch.optim.Muon's) or ``"float32"``.
     """
 
     def __init__(self, params: Iterable, lr: float = 3e-3, weight_decay: float = 0.0,
                  momentum: float = 0.95, beta2: float = 0.95, nesterov: bool = True,
-                 eps: float = 1e-10, ns_steps: int = DEFAULT_NS_STEPS) -> None:
+                 eps: float = 1e-10, ns_steps: int = DEFAULT_NS_STEPS,
+                 ns_dtype: str = "bfloat16") -> None:
         check_lr(lr)
         check_nonnegative("weight_decay", weight_decay)
         check_beta("momentum", momentum)
         check_beta("beta2", beta2)
         check_nonnegative("eps", eps)
         check_int("ns_steps", ns_steps, 1)
+        check_choice("ns_dtype", ns_dtype, NS_DTYPES)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       beta2=beta2, nesterov=nesterov, eps=eps,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() < 2:
@@ -105,7 +96,8 @@ class NorMuon(torch.optim.Optimizer):
             state["second_moment"] = G.new_zeros(G.shape[0], 1)
         mu, lr = group["momentum"], group["lr"]
         M = state["momentum_buffer"].lerp_(G, 1 - mu)
-        O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"])
+        O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"],
+                          NS_DTYPES[group.get("ns_dtype", "bfloat16")])
         v = state["second_moment"].lerp_(O.square().mean(dim=1, keepdim=True),
                                          1 - group["beta2"])
         O = O / (v.sqrt() + group["eps"])
@@ -120,10 +112,11 @@ class NorMuonAdamW(Composite):
 
     def __init__(self, params: nn.Module | Iterable[dict[str, Any]], lr: float = 3e-3,
                  weight_decay: float = 0.0, momentum: float = 0.95, beta2: float = 0.95,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 ns_dtype: str = "bfloat16") -> None:
         def normuon(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return NorMuon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                           beta2=beta2)
+                           beta2=beta2, ns_dtype=ns_dtype)
 
         super().__init__("normuon", params, [Half(normuon, matrices)], lr=lr,
                          weight_decay=weight_decay, betas=betas, eps=eps, shards=False)

@@ -28,20 +28,20 @@ from soaplab.roles import MLP
 class SoapMuon(Composite):
     """soaplab's SOAP on ``part="mlp"`` hidden/stack groups, NorMuon on the other hidden/stack
     groups, torch.optim.AdamW on the rest: one ``lr``, ``eps`` and ``weight_decay``; ``betas``
-    are SOAP's and AdamW's, ``momentum`` and ``beta2`` NorMuon's; the other keyword arguments
-    (``precondition_frequency``, ``max_precond_dim``, ...) go to SOAP."""
+    are SOAP's and AdamW's, ``momentum``, ``beta2`` and ``ns_dtype`` NorMuon's; the other
+    keyword arguments (``precondition_frequency``, ``max_precond_dim``, ...) go to SOAP."""
 
     def __init__(self, params: nn.Module | Iterable[dict[str, Any]], lr: float = 3e-3,
                  betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.01, momentum: float = 0.95, beta2: float = 0.95,
-                 **soap_kwargs: Any) -> None:
+                 ns_dtype: str = "bfloat16", **soap_kwargs: Any) -> None:
         def soap(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return SOAP(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         **soap_kwargs)
 
         def normuon(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
             return NorMuon(groups, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                           beta2=beta2)
+                           beta2=beta2, ns_dtype=ns_dtype)
 
         halves = [Half(soap, experts, lambda g: g.get("part") == MLP), Half(normuon, matrices)]
         super().__init__("soap_muon", params, halves, lr=lr, weight_decay=weight_decay,
