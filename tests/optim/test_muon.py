@@ -148,3 +148,17 @@ def test_ns_dtype_reaches_the_newton_schulz_half(name):
 def test_an_unknown_ns_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="ns_dtype must be one of 'bfloat16', 'float32'"):
         Muon([nn.Parameter(torch.randn(3, 3))], ns_dtype="float16")
+
+
+def test_a_bfloat16_muon_state_dict_is_torchs_key_for_key():
+    """So checkpoints move between the two, and runs recorded before ns_dtype still match."""
+    ours, theirs = (nn.Parameter(torch.randn(4, 3)) for _ in range(2))
+    a = Muon([ours], lr=0.01)
+    b = torch.optim.Muon([theirs], lr=0.01)
+    for p, opt in ((ours, a), (theirs, b)):
+        p.grad = torch.ones(4, 3)
+        opt.step()
+    assert a.state_dict()["param_groups"] == b.state_dict()["param_groups"]
+    assert a.state_dict()["state"].keys() == b.state_dict()["state"].keys()
+    a.load_state_dict(b.state_dict())
+    assert "ns_dtype" not in a.param_groups[0]

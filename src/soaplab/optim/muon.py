@@ -38,6 +38,13 @@ ADJUST_LR = {"original": lambda m, n: math.sqrt(max(1, m / n)),
              "match_rms_adamw": lambda m, n: 0.2 * math.sqrt(max(m, n))}
 
 
+def ns_setting(ns_dtype: str) -> dict[str, str]:
+    """``ns_dtype`` as a param-group entry: none for torch's bfloat16, so that such a group (and
+    the state dict, and a run's recorded settings) is key for key torch.optim.Muon's."""
+    check_choice("ns_dtype", ns_dtype, NS_DTYPES)
+    return {} if ns_dtype == "bfloat16" else {"ns_dtype": ns_dtype}
+
+
 def orthogonalize(U: Tensor, steps: int = DEFAULT_NS_STEPS, dtype: torch.dtype = torch.bfloat16,
                   coefficients: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C),
                   eps: float = EPS) -> Tensor:
@@ -74,11 +81,10 @@ class Muon(torch.optim.Optimizer):
         check_nonnegative("eps", eps)
         check_int("ns_steps", ns_steps, 1)
         check_choice("adjust_lr_fn", adjust_lr_fn, (None, *ADJUST_LR))
-        check_choice("ns_dtype", ns_dtype, NS_DTYPES)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, ns_coefficients=ns_coefficients,
                                       eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-                                      ns_dtype=ns_dtype))
+                                      **ns_setting(ns_dtype)))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -103,7 +109,7 @@ class Muon(torch.optim.Optimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(G)
         M = state["momentum_buffer"].lerp_(G, 1 - mu)
-        dtype = NS_DTYPES[group.get("ns_dtype", "bfloat16")]  # torch.optim.Muon's state has none
+        dtype = NS_DTYPES[group.get("ns_dtype", "bfloat16")]  # see ns_setting
         O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"], dtype,
                           group["ns_coefficients"], group["eps"])
         lr = group["lr"]

@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim._muon import DEFAULT_NS_STEPS
 
-from soaplab.optim._checks import check_beta, check_choice, check_int, check_lr, check_nonnegative
+from soaplab.optim._checks import check_beta, check_int, check_lr, check_nonnegative
 from soaplab.optim.composite import Composite, Half
-from soaplab.optim.muon import NS_DTYPES, matrices, orthogonalize
+from soaplab.optim.muon import NS_DTYPES, matrices, ns_setting, orthogonalize
 
 __all__ = ["NorMuon", "NorMuonAdamW"]
 
@@ -65,10 +65,9 @@ class NorMuon(torch.optim.Optimizer):
         check_beta("beta2", beta2)
         check_nonnegative("eps", eps)
         check_int("ns_steps", ns_steps, 1)
-        check_choice("ns_dtype", ns_dtype, NS_DTYPES)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       beta2=beta2, nesterov=nesterov, eps=eps,
-                                      ns_steps=ns_steps, ns_dtype=ns_dtype))
+                                      ns_steps=ns_steps, **ns_setting(ns_dtype)))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() < 2:
