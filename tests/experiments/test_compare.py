@@ -5,7 +5,8 @@ import json
 import pytest
 
 from soaplab.cli import main
-from soaplab.experiments.compare import steps_to_target
+from soaplab.experiments.commands import _config
+from soaplab.experiments.compare import plan_runs, steps_to_target
 from soaplab.experiments.report import _target_text
 from soaplab.experiments.sweeps import crossovers, summary
 from soaplab.experiments.tuning import default_lr, optimizer_kwargs, uses_frequency
@@ -87,6 +88,43 @@ def test_variants_use_their_familys_tuned_lr_and_settings():
     assert optimizer_kwargs("shampoo-half", 5) == {"betas": (0.95, 0.95), "weight_decay": 0.0,
                                                    "precondition_frequency": 5}
     assert uses_frequency("soap_eigh") and not uses_frequency("adafactor")
+
+
+def _plan(argv):
+    import argparse
+
+    from soaplab.experiments.commands import _check, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["compare", "lm", *argv])
+    _check(args)
+    return [(r.optimizer, r.lr) for r in plan_runs(_config(args))]
+
+
+def test_lr_sets_one_optimizers_lrs_beside_lrs_and_tuned_ones():
+    assert _plan(["--optimizers", "adamw,muon,soap", "--lr", "muon=0.008", "--lr",
+                  "SOAP=0.004,0.016"]) == [("adamw", default_lr("lm", "adamw")),
+                                          ("muon", 0.008), ("soap", 0.004), ("soap", 0.016)]
+    assert _plan(["--optimizers", "adamw,muon", "--lrs", "0.001,0.002", "--lr", "muon=0.008"]
+                 ) == [("adamw", 0.001), ("adamw", 0.002), ("muon", 0.008)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "soap=0.01"], "--lr soap=...: soap is not among --optimizers (adamw,muon)"),
+    (["--lr", "muon=0.01", "--lr", "muon=0.02"], "--lr muon=... is given twice"),
+    (["--lr", "muon="], "--lr NAME= has no lr"),
+    (["--lr", "muon=0"], "--lrs and --lr must be positive and finite"),
+])
+def test_a_bad_lr_is_one_line_naming_the_flag(capsys, argv, message):
+    assert main(["compare", "lm", "--optimizers", "adamw,muon", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_lr_without_its_optimizer_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "lm", "--lr", "0.01"])
+    assert "expected NAME=LR[,LR...], e.g. muon=0.008, got '0.01'" in capsys.readouterr().err
 
 
 def test_ns_dtype_reaches_only_the_newton_schulz_optimizers():

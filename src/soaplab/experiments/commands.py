@@ -42,6 +42,15 @@ def _optimizers(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _lrs_of(text: str) -> tuple[str, list[float]]:
+    """``NAME=LR[,LR...]``: one optimizer's lrs."""
+    name, sep, values = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=LR[,LR...], e.g. muon=0.008, got "
+                                         f"{text!r}")
+    return _optimizers(name)[0], _list(float)(values)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     compare_parser = sub.add_parser("compare", help="train and compare optimizers on a task")
     tasks = compare_parser.add_subparsers(dest="task", required=True)
@@ -56,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="preconditioning frequencies to sweep for soap/shampoo, e.g. 1,10,100")
         p.add_argument("--lrs", type=_list(float), default=None,
                        help="learning rates to sweep (default: the tuned lr of each optimizer)")
+        p.add_argument("--lr", type=_lrs_of, action="append", default=[], metavar="NAME=LRS",
+                       help="one optimizer's lrs, in place of --lrs or its tuned lr "
+                            "(repeatable), e.g. --lr muon=0.008 --lr soap=0.004,0.008")
         for knob in tuning.KNOBS:
             p.add_argument(f"--{knob.flag.replace('_', '-')}", type=_list(float), default=None,
                            help=knob.help)
@@ -143,9 +155,20 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be in [0, 1), got {values}")
     if any(f < 1 for f in args.freqs or []):
         raise ValueError(f"--freqs must be >= 1, got {args.freqs}")
-    if any(not (math.isfinite(lr) and lr > 0) for lr in args.lrs or []):
-        raise ValueError(f"--lrs must be positive and finite (an lr of 0 trains nothing), "
-                         f"got {args.lrs}")
+    named = [name for name, _ in args.lr]
+    for name in named:
+        if name not in args.optimizers:
+            raise ValueError(f"--lr {name}=...: {name} is not among --optimizers "
+                             f"({','.join(args.optimizers)}); add it there")
+        if named.count(name) > 1:
+            raise ValueError(f"--lr {name}=... is given twice; list its lrs once, e.g. "
+                             f"--lr {name}=0.004,0.008")
+    if any(values == [] for _, values in args.lr):
+        raise ValueError("--lr NAME= has no lr; give at least one, e.g. --lr muon=0.008")
+    if any(not (math.isfinite(lr) and lr > 0)
+           for lr in (args.lrs or []) + [v for _, values in args.lr for v in values]):
+        raise ValueError(f"--lrs and --lr must be positive and finite (an lr of 0 trains "
+                         f"nothing), got {args.lrs or dict(args.lr)}")
     if args.against is not None and canonical(args.against) not in args.optimizers:
         raise ValueError(f"--against {args.against} is not among --optimizers "
                          f"({','.join(args.optimizers)}); add it there")
@@ -196,7 +219,8 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                         device=torchrun.device(args.device),
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
-                         lrs=args.lrs, **{k.flag: getattr(args, k.flag) for k in tuning.KNOBS},
+                         lrs=args.lrs, lrs_of=dict(args.lr),
+                         **{k.flag: getattr(args, k.flag) for k in tuning.KNOBS},
                          seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
                          against=None if args.against is None else canonical(args.against),

@@ -38,6 +38,7 @@ class CompareConfig:
     optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon", "soap"])
     freqs: list[int] | None = None
     lrs: list[float] | None = None
+    lrs_of: dict[str, list[float]] = field(default_factory=dict)  # per optimizer, over lrs
     beta1s: list[float] | None = None  # the sweeps of tuning.KNOBS, each where it applies
     beta2s: list[float] | None = None
     momenta: list[float] | None = None
@@ -60,6 +61,7 @@ class CompareConfig:
                 "optimizers": self.optimizers, "freqs": self.freqs, "lrs": self.lrs,
                 "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths,
                 **({"ns_dtype": self.ns_dtype} if self.ns_dtype else {}),
+                **({"lrs_of": self.lrs_of} if self.lrs_of else {}),
                 # only when swept, so that folders made before these sweeps still resume
                 **{k.flag: getattr(self, k.flag) for k in tuning.KNOBS if getattr(self, k.flag)}}
 
@@ -113,7 +115,7 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     runs = []
     for name in cfg.optimizers:
         freqs = cfg.freqs if cfg.freqs and tuning.uses_frequency(name) else [None]
-        lrs = cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
+        lrs = cfg.lrs_of.get(name) or cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
         values = [getattr(cfg, k.flag) if getattr(cfg, k.flag) and k.applies(name) else [None]
                   for k in tuning.KNOBS]
         runs += [Run(name, f, lr, s, b, n, **dict(zip((k.name for k in tuning.KNOBS), knobs,
