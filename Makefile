@@ -37,9 +37,11 @@ test-compile: $(STAMP)
 
 # A fresh comparison each time: --overwrite moves an earlier runs/compare-lm aside (to
 # runs/compare-lm.old-<UTC time>) instead of refusing it. Continue a killed run with
-# `.venv/bin/soaplab compare lm --resume`.
+# `.venv/bin/soaplab compare lm --ns-dtype float32 --resume`. Muon's Newton-Schulz runs in
+# float32: torch's bfloat16 is emulated on CPUs without native bfloat16, where it made Muon
+# alone take 20 minutes (docs/optimizers.md, `muon`).
 main: $(STAMP)
-	.venv/bin/soaplab compare lm --overwrite
+	.venv/bin/soaplab compare lm --ns-dtype float32 --overwrite
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
