@@ -1,4 +1,5 @@
-"""Argument checks shared by the optimizers: each message names the argument, value and range."""
+"""Argument checks shared by the optimizers: each message names the argument, value and range.
+And the closure protocol every ``step`` follows."""
 
 from __future__ import annotations
 
@@ -131,3 +132,12 @@ def check_kind(owner: torch.optim.Optimizer, state_dict: Any) -> None:
             raise ValueError(f"{name}.load_state_dict: param_groups[{index}] holds "
                              f"{', '.join(extra)}, which {name} does not have: the state dict "
                              "is another optimizer's; load it into the kind that saved it")
+
+
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """torch.optim's closure protocol: re-evaluate the model with gradients on, return its loss
+    (None without a closure)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

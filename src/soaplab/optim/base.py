@@ -24,6 +24,7 @@ from soaplab.optim._checks import (
     check_group,
     check_kind,
     check_torch_flags,
+    closure_loss,
     resolve_batched,
 )
 from soaplab.optim.distributed.checkpoint import export, state_to_load
@@ -270,10 +271,7 @@ class KroneckerOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         split = self.split
         if self._allocation_call():
             self._allocate()

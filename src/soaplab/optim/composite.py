@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from soaplab.optim._checks import check_kind
+from soaplab.optim._checks import check_kind, closure_loss
 from soaplab.roles import MATRIX_ROLES, STACK, role_groups
 
 # (groups) -> the matrix half over them.
@@ -129,10 +129,7 @@ class Composite(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         self._check_groups()
         for view, p, i in self._views:
             grad = p.grad if p.grad is None or i is None else p.grad[i]

@@ -22,14 +22,21 @@ there: more exact, and no longer torch's numbers bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
 
-from soaplab.optim._checks import check_beta, check_choice, check_int, check_lr, check_nonnegative
+from soaplab.optim._checks import (
+    check_beta,
+    check_choice,
+    check_int,
+    check_lr,
+    check_nonnegative,
+    closure_loss,
+)
 from soaplab.optim.composite import Composite, Half
 from soaplab.roles import STACK
 
@@ -62,7 +69,44 @@ def orthogonalize(U: Tensor, steps: int = DEFAULT_NS_STEPS, dtype: torch.dtype =
     return (X.T if tall else X).to(U.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Orthogonalized(torch.optim.Optimizer):
+    """What Muon and NorMuon share: each parameter with a gradient is updated alone
+    (``_update``), from the Newton–Schulz orthogonalization of its momentum (``_direction``)."""
+
+    def _check_shapes(self, what: str, fits: Callable[[Tensor], bool]) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not fits(p):
+                    raise ValueError(f"{type(self).__name__} updates {what}; got a parameter of "
+                                     f"shape {tuple(p.shape)}: give it to AdamW (role other "
+                                     "than 'hidden')")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _direction(self, G: Tensor, state: dict[str, Any], group: dict[str, Any],
+                   eps: float = EPS) -> Tensor:
+        """M ← μM + (1-μ)G in ``state``, then Newton–Schulz of M, or with Nesterov of
+        (1-μ)G + μM (torch.optim.Muon's order of operations)."""
+        mu = group["momentum"]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(G)
+        M = state["momentum_buffer"].lerp_(G, 1 - mu)
+        dtype = NS_DTYPES[group.get("ns_dtype", "bfloat16")]  # see ns_setting
+        return orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"], dtype,
+                             group.get("ns_coefficients", (DEFAULT_A, DEFAULT_B, DEFAULT_C)), eps)
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class Muon(Orthogonalized):
     """torch.optim.Muon's algorithm on 2-D parameters, with the Newton–Schulz dtype to choose.
 
     Args: as torch.optim.Muon (lr, weight_decay decoupled, momentum, nesterov, ns_coefficients,
@@ -85,33 +129,10 @@ class Muon(torch.optim.Optimizer):
                                       nesterov=nesterov, ns_coefficients=ns_coefficients,
                                       eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                                       **ns_setting(ns_dtype)))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise ValueError(f"Muon updates 2-D matrices; got a parameter of shape "
-                                     f"{tuple(p.shape)}: give it to AdamW (role other than "
-                                     "'hidden')")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
+        self._check_shapes("2-D matrices", lambda p: p.dim() == 2)
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        G, state, mu = p.grad, self.state[p], group["momentum"]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(G)
-        M = state["momentum_buffer"].lerp_(G, 1 - mu)
-        dtype = NS_DTYPES[group.get("ns_dtype", "bfloat16")]  # see ns_setting
-        O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"], dtype,
-                          group["ns_coefficients"], group["eps"])
+        O = self._direction(p.grad, self.state[p], group, group["eps"])
         lr = group["lr"]
         scale = ADJUST_LR[group["adjust_lr_fn"] or "original"](*p.shape)
         p.mul_(1 - lr * group["weight_decay"])

@@ -37,14 +37,14 @@ from torch.optim._muon import DEFAULT_NS_STEPS
 
 from soaplab.optim._checks import check_beta, check_int, check_lr, check_nonnegative
 from soaplab.optim.composite import Composite, Half
-from soaplab.optim.muon import NS_DTYPES, matrices, ns_setting, orthogonalize
+from soaplab.optim.muon import Orthogonalized, matrices, ns_setting
 
 __all__ = ["NorMuon", "NorMuonAdamW"]
 
 RMS = 0.2  # the step's RMS over the lr, AdamW's typical update RMS (Moonlight's rule)
 
 
-class NorMuon(torch.optim.Optimizer):
+class NorMuon(Orthogonalized):
     """NorMuon on matrices (parameters of two or more dimensions, seen as (shape[0], -1)).
 
     Args:
@@ -68,35 +68,15 @@ class NorMuon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       beta2=beta2, nesterov=nesterov, eps=eps,
                                       ns_steps=ns_steps, **ns_setting(ns_dtype)))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() < 2:
-                    raise ValueError(f"NorMuon updates matrices; got a parameter of shape "
-                                     f"{tuple(p.shape)}: give it to AdamW (role other than "
-                                     "'hidden')")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
+        self._check_shapes("matrices", lambda p: p.dim() >= 2)
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         G = p.grad.view(p.shape[0], -1)
         state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(G)
+        O = self._direction(G, state, group)
+        if "second_moment" not in state:
             state["second_moment"] = G.new_zeros(G.shape[0], 1)
-        mu, lr = group["momentum"], group["lr"]
-        M = state["momentum_buffer"].lerp_(G, 1 - mu)
-        O = orthogonalize(G.lerp(M, mu) if group["nesterov"] else M, group["ns_steps"],
-                          NS_DTYPES[group.get("ns_dtype", "bfloat16")])
+        lr = group["lr"]
         v = state["second_moment"].lerp_(O.square().mean(dim=1, keepdim=True),
                                          1 - group["beta2"])
         O = O / (v.sqrt() + group["eps"])
