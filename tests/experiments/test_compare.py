@@ -114,7 +114,8 @@ def test_lr_sets_one_optimizers_lrs_beside_lrs_and_tuned_ones():
     (["--lr", "soap=0.01"], "--lr soap=...: soap is not among --optimizers (adamw,muon)"),
     (["--lr", "muon=0.01", "--lr", "muon=0.02"], "--lr muon=... is given twice"),
     (["--lr", "muon="], "--lr NAME= has no lr"),
-    (["--lr", "muon=0"], "--lrs and --lr must be positive and finite"),
+    (["--lr", "muon=0"], "--lr muon must be positive and finite (an lr of 0 trains nothing), "
+                         "got [0.0]"),
 ])
 def test_a_bad_lr_is_one_line_naming_the_flag(capsys, argv, message):
     assert main(["compare", "lm", "--optimizers", "adamw,muon", *argv]) == 2

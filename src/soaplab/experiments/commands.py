@@ -165,10 +165,11 @@ def _check(args: argparse.Namespace) -> None:
                              f"--lr {name}=0.004,0.008")
     if any(values == [] for _, values in args.lr):
         raise ValueError("--lr NAME= has no lr; give at least one, e.g. --lr muon=0.008")
-    if any(not (math.isfinite(lr) and lr > 0)
-           for lr in (args.lrs or []) + [v for _, values in args.lr for v in values]):
-        raise ValueError(f"--lrs and --lr must be positive and finite (an lr of 0 trains "
-                         f"nothing), got {args.lrs or dict(args.lr)}")
+    for flag, values in (("--lrs", args.lrs or []),
+                         *((f"--lr {name}=", values) for name, values in args.lr)):
+        if any(not (math.isfinite(lr) and lr > 0) for lr in values):
+            raise ValueError(f"{flag.rstrip('=')} must be positive and finite (an lr of 0 "
+                             f"trains nothing), got {values}")
     if args.against is not None and canonical(args.against) not in args.optimizers:
         raise ValueError(f"--against {args.against} is not among --optimizers "
                          f"({','.join(args.optimizers)}); add it there")
