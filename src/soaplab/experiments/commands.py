@@ -88,8 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "and optimizer state stay fp32; default fp32)")
         p.add_argument("--ns-dtype", default=None, choices=list(NS_DTYPES),
                        help="dtype of the Newton–Schulz iteration of muon, normuon and "
-                            "soap_muon (default bfloat16, torch's; float32 is 25-50x faster on "
-                            "a CPU without native bfloat16, e.g. AVX2 only)")
+                            "soap_muon (default bfloat16, torch's; float32 was 27x faster on "
+                            "an AVX2-only CPU without native bfloat16: docs/optimizers.md)")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is faster on a "
                             "busy shared machine, where threads spin-wait on each other)")
