@@ -37,11 +37,13 @@ test-compile: $(STAMP)
 
 # A fresh comparison each time: --overwrite moves an earlier runs/compare-lm aside (to
 # runs/compare-lm.old-<UTC time>) instead of refusing it. Continue a killed run with
-# `.venv/bin/soaplab compare lm --ns-dtype float32 --resume`. Muon's Newton-Schulz runs in
-# float32: torch's bfloat16 is emulated on CPUs without native bfloat16, where it made Muon
-# alone take 20 minutes (docs/optimizers.md, `muon`).
+# `.venv/bin/soaplab compare lm --ns-dtype float32 --jobs 3 --resume`. Muon's Newton-Schulz
+# runs in float32: torch's bfloat16 is emulated on CPUs without native bfloat16, where it made
+# Muon alone take 20 minutes (docs/optimizers.md, `muon`). --jobs 3 trains the three runs side
+# by side (same losses, bitwise, as one run after another with as many threads each; sooner on
+# a small CPU: README, "Results").
 main: $(STAMP)
-	.venv/bin/soaplab compare lm --ns-dtype float32 --overwrite
+	.venv/bin/soaplab compare lm --ns-dtype float32 --jobs 3 --overwrite
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

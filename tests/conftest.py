@@ -17,6 +17,7 @@ def _seed() -> None:
 # `make test` runs everything.
 SLOW = ("tests/distributed/", "tests/optim/test_compile.py", "tests/analysis/test_commands.py",
         "tests/experiments/test_compare.py", "tests/experiments/test_run_folders.py",
+        "tests/experiments/test_parallel.py",
         "tests/optim/test_soap.py::test_soap_beats_adamw_by_half_the_steps_on_kronecker_least",
         "tests/optim/test_storage.py::test_soap_lowmem_tracks_soap_on_kronecker_least_squares",
         "tests/optim/test_peers.py")

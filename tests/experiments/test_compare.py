@@ -70,6 +70,8 @@ def test_compare_rejects_bad_input(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert main(["compare", "lm", "--threads", "0"]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["compare", "lm", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
     for lrs in ("inf", "0", "-1e-3", "nan"):
         assert main(["compare", "lm", "--lrs", f"1e-3,{lrs}"]) == 2
         assert "--lrs must be positive and finite" in capsys.readouterr().err

@@ -93,6 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--threads", type=int, default=None,
                        help="CPU threads for torch (default: torch's choice; 1 is faster on a "
                             "busy shared machine, where threads spin-wait on each other)")
+        p.add_argument("--jobs", type=int, default=1,
+                       help="runs to train side by side, each in its own process (default 1; "
+                            "each gets --threads threads, or torch's default divided by "
+                            "--jobs). Results are bitwise those of one process with as many "
+                            "threads; several one-thread runs finish sooner than one run after "
+                            "another on a small CPU")
         p.add_argument("--size", default="tiny", choices=["micro", "tiny", "small", "paper"],
                        help="model size (default tiny; micro is for smoke tests)")
         p.add_argument("--batch-size", type=int, default=32,
@@ -138,7 +144,8 @@ def _check(args: argparse.Namespace) -> None:
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--batch-sizes/--lengths", min(sweeps, default=1)),
                         ("--eval-every", args.eval_every),
-                        ("--threads", 1 if args.threads is None else args.threads)):
+                        ("--threads", 1 if args.threads is None else args.threads),
+                        ("--jobs", args.jobs)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     for name, value in (("--warmup", args.warmup), ("--checkpoint-every", args.checkpoint_every)):
@@ -200,8 +207,8 @@ def _check_device(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.jobs > 1:  # with --jobs, the threads of each run
+        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() // args.jobs))
     with torchrun.session(args.device):
         report = compare(_config(args))
         if torchrun.is_main():
@@ -225,6 +232,7 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                          seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
                          against=None if args.against is None else canonical(args.against),
-                         ns_dtype=args.ns_dtype,
+                         ns_dtype=args.ns_dtype, jobs=args.jobs,
+                         threads=torch.get_num_threads(),
                          resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())

@@ -20,7 +20,8 @@ import torch
 from soaplab import torchrun
 from soaplab.experiments import paired, sweeps, tuning
 from soaplab.experiments.inputs import legacy_defaults, resolved_optimizer, run_inputs
-from soaplab.experiments.loop import RunResult, TrainConfig, run_settings, train
+from soaplab.experiments.loop import RunResult, TrainConfig, run_settings
+from soaplab.experiments.parallel import TrainCall, train_side_by_side
 from soaplab.experiments.report import write_report
 from soaplab.experiments.run_folder import RunFolder
 from soaplab.experiments.tasks import Task, TaskOptions, build_task, spec
@@ -52,6 +53,8 @@ class CompareConfig:
     reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
     against: str | None = None  # a paired-seed section against this optimizer (report only)
     ns_dtype: str | None = None  # Muon-type optimizers' Newton–Schulz dtype (None: bfloat16)
+    jobs: int = 1  # runs trained side by side, in worker processes (experiments.parallel)
+    threads: int = 1  # torch threads of each worker, where jobs > 1
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -160,6 +163,9 @@ def compare(cfg: CompareConfig) -> Path:
     Nothing is written before the data loads, every run's optimizer is constructed, the
     ``--reuse`` folders and ``cfg.out`` pass their checks (see ``reporting.manifest.prepare``).
     """
+    if cfg.jobs > 1 and torchrun.world_size() > 1:
+        raise ValueError("--jobs trains runs side by side in one machine's processes; under "
+                         "torchrun the processes already share each run, so drop --jobs")
     spec(cfg.task.task).load(cfg.task)
     runs = plan_runs(cfg)
     probe = build_task(replace(cfg.task, batch_size=1), torch.device("cpu"))
@@ -177,17 +183,25 @@ def compare(cfg: CompareConfig) -> Path:
     if torchrun.is_main() and not (cfg.out / "config.json").exists():  # kept on --resume
         write_config(cfg.out, {**cfg.settings(), "device": cfg.train.device,
                                "checkpoint_every": cfg.train.checkpoint_every,
+                               **({"jobs": cfg.jobs} if cfg.jobs > 1 else {}),
                                "out": str(cfg.out)})
-    environment = torchrun.from_main(lambda: read_config(cfg.out)["environment"])  # where the
-    # comparison began
+    began = torchrun.from_main(lambda: read_config(cfg.out))  # where the comparison began
+    environment = {**began["environment"], "jobs": began["config"].get("jobs", 1)}
     defaults = legacy_defaults(cfg.out, cfg.task.task)
     results: dict[str, RunResult] = {}
+    calls = []
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.label}", flush=True)
         reused = torchrun.from_main(lambda run=run: _reuse(cfg, run, inputs[run.label]))
-        results[run.label] = train(_task(cfg, run), _train(cfg, run),
-                                   cfg.out / "runs" / run.label, resume=cfg.resume or reused,
-                                   inputs=inputs[run.label], defaults=defaults)
+        call = TrainCall(_task(cfg, run), _train(cfg, run), cfg.out / "runs" / run.label,
+                         cfg.resume or reused, inputs[run.label], defaults)
+        if cfg.jobs == 1:
+            results[run.label] = call()
+        else:
+            calls.append(call)
+    for call, result in train_side_by_side(calls, cfg.jobs, cfg.threads) if calls else ():
+        results[call.run_dir.name] = result
+        print(f"  finished {call.run_dir.name}", flush=True)
     if not torchrun.is_main():
         return cfg.out / "report.md"
     targets = _adamw_targets(runs, results)

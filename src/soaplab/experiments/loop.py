@@ -44,6 +44,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     stop_at: int | None = None  # end this session early (the schedule still spans `steps`)
     progress: bool = True
+    bar_position: int = 0  # the progress bar's line (runs side by side: experiments.parallel)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # Settings that do not change a run's results, left out of the settings its files record.
-RUNTIME = ("device", "checkpoint_every", "stop_at", "progress")
+RUNTIME = ("device", "checkpoint_every", "stop_at", "progress", "bar_position")
 
 
 def run_settings(task_opts: TaskOptions, cfg: TrainConfig, inputs: dict[str, Any]
@@ -127,7 +128,7 @@ def train(task_opts: TaskOptions, cfg: TrainConfig, run_dir: Path, resume: bool 
         folder.start({"task": asdict(task_opts), "train": asdict(cfg), "inputs": inputs},
                      records, fresh=saved is None)
     end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name,
+    bar = tqdm(total=cfg.steps, initial=start, desc=run_dir.name, position=cfg.bar_position,
                disable=not (cfg.progress and main), leave=False)
     diverged = False
     for step in range(start, end):

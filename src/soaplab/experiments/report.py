@@ -178,7 +178,9 @@ def write_report(out: Path, task: TaskOptions, rows: list[dict[str, Any]],
              f"Machine: {env['machine']}, {threads}, torch {env['torch']}"
              + (f", {env['cuda']}" if env["cuda"] else ", CPU")
              + (f", {env['world_size']} processes (torchrun, the batch split across them)"
-                if env.get("world_size", 1) > 1 else "") + ".", "",
+                if env.get("world_size", 1) > 1 else "")
+             + (f", {env['jobs']} runs side by side (--jobs; each run's seconds share the "
+                "machine)" if env.get("jobs", 1) > 1 else "") + ".", "",
              f"Validation metric: {metric}. Target = AdamW's best final validation loss (over "
              "its lrs, for each seed, batch size and length)" + _target_text(rows, targets)
              + "; steps/seconds to target are the first evaluation at or below it "
