@@ -92,7 +92,7 @@ def test_variants_use_their_familys_tuned_lr_and_settings():
     assert uses_frequency("soap_eigh") and not uses_frequency("adafactor")
 
 
-def _plan(argv):
+def _runs(argv):
     import argparse
 
     from soaplab.experiments.commands import _check, register
@@ -101,7 +101,11 @@ def _plan(argv):
     register(parser.add_subparsers())
     args = parser.parse_args(["compare", "lm", *argv])
     _check(args)
-    return [(r.optimizer, r.lr) for r in plan_runs(_config(args))]
+    return plan_runs(_config(args))
+
+
+def _plan(argv):
+    return [(r.optimizer, r.lr) for r in _runs(argv)]
 
 
 def test_lr_sets_one_optimizers_lrs_beside_lrs_and_tuned_ones():
@@ -122,6 +126,42 @@ def test_lr_sets_one_optimizers_lrs_beside_lrs_and_tuned_ones():
 def test_a_bad_lr_is_one_line_naming_the_flag(capsys, argv, message):
     assert main(["compare", "lm", "--optimizers", "adamw,muon", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_set_gives_one_optimizer_its_own_value_of_a_swept_setting():
+    args = ["--optimizers", "muon,soap_muon,adamw", "--momenta", "0.9", "--beta2s", "0.95",
+            "--set", "soap_muon.momentum=0.95,0.9", "--set", "adamw.beta2=0.99"]
+    runs = _runs(args)
+    assert [(r.optimizer, r.momentum, r.beta2) for r in runs] == [
+        ("muon", 0.9, None), ("soap_muon", 0.95, 0.95), ("soap_muon", 0.9, 0.95),
+        ("adamw", None, 0.99)]
+    assert runs[1].label.startswith("soap_muon-") and "-mom0.95-" in runs[1].label
+    assert "-beta20.99-" in runs[3].label
+    assert optimizer_kwargs("soap_muon", None, **runs[1].knobs)["momentum"] == 0.95
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "soap.momentum=0.9"], "--set soap.momentum=...: soap is not among --optimizers"),
+    (["--set", "adamw.momentum=0.9"], "--set adamw.momentum=...: adamw has no momentum (it "
+                                      "applies to muon, normuon, soap_muon)"),
+    (["--set", "muon.momentum=0.9", "--set", "muon.momentum=0.95"],
+     "--set muon.momentum=... is given twice"),
+    (["--set", "muon.momentum="], "--set muon.momentum= has no value"),
+    (["--set", "muon.momentum=1.5"], "--set muon.momentum must be in [0, 1), got [1.5]"),
+    (["--set", "adamw.weight_decay=-1"], "--set adamw.weight_decay must be >= 0 and finite"),
+])
+def test_a_bad_set_is_one_line_naming_the_flag(capsys, argv, message):
+    assert main(["compare", "lm", "--optimizers", "adamw,muon", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_set_without_a_known_setting_is_a_usage_error(capsys):
+    for text, message in (("muon=0.9", "expected NAME.SETTING=VALUE[,VALUE...]"),
+                          ("muon.lr=0.9", "unknown setting 'lr' in 'muon.lr=0.9'; choose one "
+                                          "of beta1, beta2, momentum, weight_decay")):
+        with pytest.raises(SystemExit):
+            main(["compare", "lm", "--set", text])
+        assert message in capsys.readouterr().err
 
 
 def test_an_lr_without_its_optimizer_is_a_usage_error(capsys):

@@ -51,6 +51,20 @@ def _lrs_of(text: str) -> tuple[str, list[float]]:
     return _optimizers(name)[0], _list(float)(values)
 
 
+def _setting_of(text: str) -> tuple[str, str, list[float]]:
+    """``NAME.SETTING=VALUE[,VALUE...]``: one optimizer's values of a swept setting."""
+    target, sep, values = text.partition("=")
+    name, dot, knob = target.rpartition(".")
+    if not (sep and dot):
+        raise argparse.ArgumentTypeError(f"expected NAME.SETTING=VALUE[,VALUE...], e.g. "
+                                         f"soap_muon.momentum=0.95, got {text!r}")
+    knobs = [k.name for k in tuning.KNOBS]
+    if knob not in knobs:
+        raise argparse.ArgumentTypeError(f"unknown setting {knob!r} in {text!r}; choose one "
+                                         f"of {', '.join(knobs)}")
+    return _optimizers(name)[0], knob, _list(float)(values)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     compare_parser = sub.add_parser("compare", help="train and compare optimizers on a task")
     tasks = compare_parser.add_subparsers(dest="task", required=True)
@@ -71,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         for knob in tuning.KNOBS:
             p.add_argument(f"--{knob.flag.replace('_', '-')}", type=_list(float), default=None,
                            help=knob.help)
+        p.add_argument("--set", type=_setting_of, action="append", default=[],
+                       dest="settings_of", metavar="NAME.SETTING=VALUES",
+                       help="one optimizer's values of a setting above (beta1, beta2, momentum, "
+                            "weight_decay), in place of its sweep flag (repeatable), e.g. "
+                            "--momenta 0.9 --set soap_muon.momentum=0.95")
         p.add_argument("--seeds", type=_list(int), default=[0],
                        help="seeds (default 0); with several, the report gives the mean and "
                             "spread of the final loss and of the ratios to AdamW")
@@ -153,9 +172,23 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if not 0 <= getattr(args, "dropout", 0.0) < 1:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    for knob in tuning.KNOBS:
-        values = getattr(args, knob.flag) or []
-        flag = f"--{knob.flag.replace('_', '-')}"
+    knobs = {k.name: k for k in tuning.KNOBS}
+    given = [(f"--{k.flag.replace('_', '-')}", k, getattr(args, k.flag) or [])
+             for k in tuning.KNOBS]
+    for name, setting, values in args.settings_of:
+        flag = f"--set {name}.{setting}"
+        if name not in args.optimizers:
+            raise ValueError(f"{flag}=...: {name} is not among --optimizers "
+                             f"({','.join(args.optimizers)}); add it there")
+        if not knobs[setting].applies(name):
+            raise ValueError(f"{flag}=...: {name} has no {setting} (it applies to "
+                             f"{', '.join(knobs[setting].families or ())})")
+        if [(n, k) for n, k, _ in args.settings_of].count((name, setting)) > 1:
+            raise ValueError(f"{flag}=... is given twice; list its values once")
+        if not values:
+            raise ValueError(f"{flag}= has no value; give at least one")
+        given.append((flag, knobs[setting], values))
+    for flag, knob, values in given:
         if knob.name == "weight_decay" and any(not (math.isfinite(v) and v >= 0) for v in values):
             raise ValueError(f"{flag} must be >= 0 and finite, got {values}")
         if knob.name != "weight_decay" and any(not 0 <= v < 1 for v in values):
@@ -228,6 +261,7 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                         checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
     return CompareConfig(task=task, train=train, optimizers=args.optimizers, freqs=args.freqs,
                          lrs=args.lrs, lrs_of=dict(args.lr),
+                         settings_of=_settings_of(args.settings_of),
                          **{k.flag: getattr(args, k.flag) for k in tuning.KNOBS},
                          seeds=args.seeds, batch_sizes=args.batch_sizes,
                          lengths=args.lengths, out=args.out,
@@ -236,3 +270,10 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                          threads=torch.get_num_threads(),
                          resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())
+
+
+def _settings_of(given: list[tuple[str, str, list[float]]]) -> dict[str, dict[str, list[float]]]:
+    settings: dict[str, dict[str, list[float]]] = {}
+    for name, setting, values in given:
+        settings.setdefault(name, {})[setting] = values
+    return settings

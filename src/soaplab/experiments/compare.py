@@ -40,6 +40,8 @@ class CompareConfig:
     freqs: list[int] | None = None
     lrs: list[float] | None = None
     lrs_of: dict[str, list[float]] = field(default_factory=dict)  # per optimizer, over lrs
+    # per optimizer and knob (tuning.KNOBS, by name), over the knob's sweep
+    settings_of: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     beta1s: list[float] | None = None  # the sweeps of tuning.KNOBS, each where it applies
     beta2s: list[float] | None = None
     momenta: list[float] | None = None
@@ -65,6 +67,7 @@ class CompareConfig:
                 "seeds": self.seeds, "batch_sizes": self.batch_sizes, "lengths": self.lengths,
                 **({"ns_dtype": self.ns_dtype} if self.ns_dtype else {}),
                 **({"lrs_of": self.lrs_of} if self.lrs_of else {}),
+                **({"settings_of": self.settings_of} if self.settings_of else {}),
                 # only when swept, so that folders made before these sweeps still resume
                 **{k.flag: getattr(self, k.flag) for k in tuning.KNOBS if getattr(self, k.flag)}}
 
@@ -119,8 +122,9 @@ def plan_runs(cfg: CompareConfig) -> list[Run]:
     for name in cfg.optimizers:
         freqs = cfg.freqs if cfg.freqs and tuning.uses_frequency(name) else [None]
         lrs = cfg.lrs_of.get(name) or cfg.lrs or [tuning.default_lr(cfg.task.task, name)]
-        values = [getattr(cfg, k.flag) if getattr(cfg, k.flag) and k.applies(name) else [None]
-                  for k in tuning.KNOBS]
+        own = cfg.settings_of.get(name, {})
+        values = [own.get(k.name) or (getattr(cfg, k.flag) if getattr(cfg, k.flag)
+                                      and k.applies(name) else [None]) for k in tuning.KNOBS]
         runs += [Run(name, f, lr, s, b, n, **dict(zip((k.name for k in tuning.KNOBS), knobs,
                                                       strict=True)))
                  for f in freqs for lr in lrs for knobs in itertools.product(*values)

@@ -172,11 +172,10 @@ TASKS: dict[str, TaskSpec] = {
         _language_model, _check_corpus,
         {"adamw": 4e-3, "adafactor": 1e-1, "shampoo": 1e-2, "soap": 5e-3, "muon": 5e-3,
          # issue 21's grids on tiny with AdamW's recipe (beta1 0.9, weight decay 0.1) and
-         # momentum 0.9 (docs/results.md, "Where SOAP wins"): normuon's best of 4e-3, 8e-3,
-         # 1.6e-2; kl_shampoo's of 2.5e-3 ... 2e-2 (the lowest: 1.25e-3 was not run)
-         "normuon": 8e-3, "kl_shampoo": 2.5e-3,
-         # provisional, never gridded on tiny: one lr drives SOAP and NorMuon; soap's tuned lr
-         "soap_muon": 5e-3},
+         # momentum 0.9 (docs/results.md, "Where SOAP wins"): normuon's best of 2e-3 ... 1.6e-2;
+         # kl_shampoo's of 1.25e-3 ... 2e-2; soap_muon's of 2e-3 ... 1.6e-2 (one lr drives its
+         # SOAP, NorMuon and AdamW parts)
+         "normuon": 8e-3, "kl_shampoo": 2.5e-3, "soap_muon": 4e-3},
         (("--text", {"default": None, "help": "train on this text file instead"}),
          ("--max-chars", {"type": int, "default": None,
                           "help": "use only the first N characters of the corpus"}),
