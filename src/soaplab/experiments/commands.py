@@ -267,7 +267,6 @@ def _config(args: argparse.Namespace) -> CompareConfig:
                          lengths=args.lengths, out=args.out,
                          against=None if args.against is None else canonical(args.against),
                          ns_dtype=args.ns_dtype, jobs=args.jobs,
-                         threads=torch.get_num_threads(),
                          resume=args.resume or torchrun.restarted(), reuse=args.reuse,
                          overwrite=args.overwrite and not torchrun.restarted())
 

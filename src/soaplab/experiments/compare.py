@@ -55,8 +55,8 @@ class CompareConfig:
     reuse: list[Path] = field(default_factory=list)  # folders whose finished runs may be copied
     against: str | None = None  # a paired-seed section against this optimizer (report only)
     ns_dtype: str | None = None  # Muon-type optimizers' Newton–Schulz dtype (None: bfloat16)
-    jobs: int = 1  # runs trained side by side, in worker processes (experiments.parallel)
-    threads: int = 1  # torch threads of each worker, where jobs > 1
+    jobs: int = 1  # runs trained side by side, in worker processes (experiments.parallel),
+    # each with this process's torch threads
 
     def settings(self) -> dict[str, Any]:
         """What defines the comparison's results: its manifest's settings."""
@@ -203,7 +203,7 @@ def compare(cfg: CompareConfig) -> Path:
             results[run.label] = call()
         else:
             calls.append(call)
-    for call, result in train_side_by_side(calls, cfg.jobs, cfg.threads) if calls else ():
+    for call, result in train_side_by_side(calls, cfg.jobs):
         results[call.run_dir.name] = result
         print(f"  finished {call.run_dir.name}", flush=True)
     if not torchrun.is_main():

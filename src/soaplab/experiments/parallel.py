@@ -41,12 +41,15 @@ class TrainCall:
                      inputs=self.inputs, defaults=self.defaults)
 
 
-def train_side_by_side(calls: list[TrainCall], jobs: int, threads: int
+def train_side_by_side(calls: list[TrainCall], jobs: int
                        ) -> Iterator[tuple[TrainCall, RunResult]]:
-    """Train ``calls`` in ``jobs`` worker processes of ``threads`` torch threads each, yielding
-    each call and its result as it finishes. A worker's error is raised here, and stops the
-    other workers, as does an interrupt of this process."""
-    jobs = min(jobs, len(calls))
+    """Train ``calls`` in ``jobs`` worker processes with this process's torch threads each (so
+    a run is bitwise the one this process would train), yielding each call and its result as
+    it finishes. A worker's error is raised here, and stops the other workers, as does an
+    interrupt of this process."""
+    if not calls:
+        return
+    jobs, threads = min(jobs, len(calls)), torch.get_num_threads()
     context = multiprocessing.get_context("spawn")
     slots, lock = context.Queue(), context.RLock()
     for slot in range(jobs):
